@@ -1,0 +1,29 @@
+# Every target uses .venv, creating it only when missing; the editable install is redone only
+# when the packaging files or the C kernels change.
+PY := .venv/bin/python
+STAMP := .venv/.dinat-installed
+
+.PHONY: demo test bench lint install
+
+install: $(STAMP)
+
+.venv/bin/python:
+	python3 -m venv .venv
+	$(PY) -m pip install --upgrade pip setuptools wheel
+
+$(STAMP): .venv/bin/python pyproject.toml setup.py src/dinat/ops/csrc/na_cpu.c
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/dinat train --dataset digits -c configs/demo_digits.yml --output output/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(STAMP)
+	$(PY) -m dinat.cli bench --output bench_results
+
+lint: $(STAMP)
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks

@@ -1,0 +1,80 @@
+"""Neighborhood attention as a module, with the released models' behaviour (SPEC section 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from .ops import as_pair, na2d, na2d_av, na2d_qk
+from .ops.functional import IntOrPair, check_kernel_and_dilation
+
+
+class NeighborhoodAttention2D(nn.Module):
+    """Multi-head dilated neighborhood attention over a channels-last (B, H, W, C) map.
+
+    Inputs smaller than ``kernel_size * dilation`` are zero-padded at the bottom and right before
+    the qkv projection and cropped after it, as NATTEN 0.14 did (the released checkpoints were
+    trained that way). State dict: ``qkv.weight``, ``qkv.bias``, ``rpb``, ``proj.weight``,
+    ``proj.bias``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: IntOrPair,
+        dilation: IntOrPair = 1,
+        rel_pos_bias: bool = True,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim {dim} must be a positive multiple of num_heads {num_heads}")
+        self.kernel_size, self.dilation = check_kernel_and_dilation(kernel_size, dilation)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if rel_pos_bias:
+            kh, kw = self.kernel_size
+            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kh - 1, 2 * kw - 1))
+            trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
+        else:
+            self.register_parameter("rpb", None)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected input (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        batch, height, width, _ = x.shape
+        pad_bottom = max(0, self.kernel_size[0] * self.dilation[0] - height)
+        pad_right = max(0, self.kernel_size[1] * self.dilation[1] - width)
+        if pad_bottom or pad_right:
+            x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+        padded_h, padded_w = x.shape[1:3]
+        q, k, v = self.qkv(x).view(batch, padded_h, padded_w, 3, self.num_heads, self.head_dim).unbind(3)
+        if self.training and self.attn_drop.p > 0:
+            q, k, v = (t.permute(0, 3, 1, 2, 4) for t in (q, k, v))
+            attn = na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, self.rpb).softmax(-1)
+            x = na2d_av(self.attn_drop(attn), v, self.kernel_size, self.dilation).permute(0, 2, 3, 1, 4)
+        else:
+            x = na2d(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale)
+        x = x.reshape(batch, padded_h, padded_w, self.dim)[:, :height, :width]
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, rel_pos_bias={self.rpb is not None}"
+        )
+
+
+__all__ = ["NeighborhoodAttention2D", "as_pair"]

@@ -1,0 +1,190 @@
+"""The public neighborhood-attention API, mirroring NATTEN 0.14-0.17 (SPEC section 1).
+
+Every entry point validates its arguments once, normalises ``kernel_size`` / ``dilation`` to
+(h, w) pairs, and dispatches to a backend:
+
+* ``"cpu"``: vectorised C kernels (:mod:`dinat.ops.cpu`), the default for CPU tensors;
+* ``"flex"``: PyTorch ``flex_attention`` (:mod:`dinat.ops.flex`), the default for CUDA tensors;
+* ``"reference"``: the definition in plain PyTorch (:mod:`dinat.ops.reference`), the fallback.
+
+``use_backend(name)`` forces one (tests and benchmarks compare them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Literal
+
+
+from torch import Tensor
+
+from . import reference
+
+Pair = tuple[int, int]
+IntOrPair = int | tuple[int, int] | list[int]
+BackendName = Literal["auto", "cpu", "flex", "reference"]
+BACKENDS = ("auto", "cpu", "flex", "reference")
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(name: BackendName) -> Iterator[None]:
+    """Run the ops in this block (this thread) on backend ``name``."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous = getattr(_state, "backend", "auto")
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def _backend_for(x: Tensor):
+    name = getattr(_state, "backend", "auto")
+    if name == "reference":
+        return reference
+    if name in ("auto", "cpu") and x.device.type == "cpu":
+        from . import cpu
+
+        if cpu.available(x):
+            return cpu
+        if name == "cpu":
+            raise RuntimeError(f"the cpu backend is unavailable: {cpu.unavailable_reason(x)}")
+    if name == "flex" or (name == "auto" and x.device.type == "cuda"):
+        from . import flex
+
+        if flex.available(x):
+            return flex
+        if name == "flex":
+            raise RuntimeError(f"the flex backend is unavailable: {flex.unavailable_reason(x)}")
+    if name == "cpu":
+        raise RuntimeError(f"the cpu backend needs CPU tensors, got device {x.device}")
+    return reference
+
+
+def as_pair(value: IntOrPair, name: str) -> Pair:
+    """An int or a 2-sequence of ints as an (h, w) pair; anything else is a ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
+
+
+def check_kernel_and_dilation(kernel_size: IntOrPair, dilation: IntOrPair) -> tuple[Pair, Pair]:
+    kernel = as_pair(kernel_size, "kernel_size")
+    dil = as_pair(dilation, "dilation")
+    if any(k < 3 or k % 2 == 0 for k in kernel):
+        raise ValueError(f"kernel_size must be odd and >= 3 on each axis, got {kernel_size!r}")
+    if any(d < 1 for d in dil):
+        raise ValueError(f"dilation must be >= 1 on each axis, got {dilation!r}")
+    return kernel, dil
+
+
+def _check_tensor(name: str, x: Tensor, rank: int = 5) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
+    if not (x.is_floating_point()):
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_same(name: str, x: Tensor, ref_name: str, ref: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} to match {ref_name}, got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _check_extent(height: int, width: int, kernel: Pair, dil: Pair) -> None:
+    for axis, length, k, d in (("height", height, kernel[0], dil[0]), ("width", width, kernel[1], dil[1])):
+        if length < k * d:
+            raise ValueError(
+                f"input {axis} {length} is smaller than kernel_size * dilation = {k} * {d} = {k * d}; "
+                "pad the input (NeighborhoodAttention2D does) or use a smaller kernel or dilation"
+            )
+
+
+def _check_rpb(rpb: Tensor | None, heads: int, kernel: Pair, ref: Tensor) -> None:
+    if rpb is None:
+        return
+    expected = (heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1)
+    _check_tensor("rpb", rpb, rank=3)
+    _check_same("rpb", rpb, "q", ref, expected)
+
+
+def na2d_qk(
+    q: Tensor, k: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1, rpb: Tensor | None = None
+) -> Tensor:
+    """Logits of every query against its neighborhood, heads-first.
+
+    q, k: (B, heads, H, W, D); rpb: (heads, 2*kh-1, 2*kw-1) or None. Returns (B, heads, H, W, kh*kw),
+    neighbors in row-major order. The caller scales q beforehand.
+    """
+    kernel, dil = check_kernel_and_dilation(kernel_size, dilation)
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    _check_same("k", k, "q", q, tuple(q.shape))
+    _check_extent(q.shape[2], q.shape[3], kernel, dil)
+    _check_rpb(rpb, q.shape[1], kernel, q)
+    return _backend_for(q).na2d_qk(q, k, kernel, dil, rpb)
+
+
+def na2d_av(attn: Tensor, v: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1) -> Tensor:
+    """Weighted sum of each query's neighborhood of v, heads-first.
+
+    attn: (B, heads, H, W, kh*kw); v: (B, heads, H, W, D). Returns (B, heads, H, W, D).
+    """
+    kernel, dil = check_kernel_and_dilation(kernel_size, dilation)
+    _check_tensor("attn", attn)
+    _check_tensor("v", v)
+    _check_same("attn", attn, "v", v, tuple(v.shape[:4]) + (kernel[0] * kernel[1],))
+    _check_extent(v.shape[2], v.shape[3], kernel, dil)
+    return _backend_for(v).na2d_av(attn, v, kernel, dil)
+
+
+def na2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: IntOrPair,
+    dilation: IntOrPair = 1,
+    rpb: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Fused neighborhood attention, tokens-first: softmax(scale * q.k + rpb) v.
+
+    q, k, v: (B, H, W, heads, D); rpb: (heads, 2*kh-1, 2*kw-1) or None; scale defaults to
+    D ** -0.5. Returns (B, H, W, heads, D).
+    """
+    kernel, dil = check_kernel_and_dilation(kernel_size, dilation)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    _check_same("k", k, "q", q, tuple(q.shape))
+    _check_same("v", v, "q", q, tuple(q.shape))
+    _check_extent(q.shape[1], q.shape[2], kernel, dil)
+    _check_rpb(rpb, q.shape[3], kernel, q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"scale must be a float or None, got {scale!r}")
+    return _backend_for(q).na2d(q, k, v, kernel, dil, rpb, float(scale))
+
+
+def current_backend(x: Tensor) -> str:
+    """The backend the ops would use for ``x`` now: 'cpu', 'flex' or 'reference'."""
+    return _backend_for(x).__name__.rsplit(".", 1)[-1]
+
+
+__all__ = ["na2d", "na2d_av", "na2d_qk", "use_backend", "current_backend", "as_pair", "BACKENDS"]

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def cpu_backends() -> list[str]:
+    """Backends that can run CPU tensors on this machine (the reference always can)."""
+    from dinat.ops import cpu, flex
+
+    names = ["reference"]
+    if cpu.available():
+        names.append("cpu")
+    if flex.available(torch.empty(0)):
+        names.append("flex")
+    return names
+
+
+@pytest.fixture(scope="session")
+def golden_ops() -> list[dict]:
+    return torch.load(DATA / "na2d_ops.pt")["cases"]
+
+
+@pytest.fixture(scope="session")
+def golden_models() -> dict:
+    return torch.load(DATA / "models.pt")

@@ -11,7 +11,7 @@ install: $(STAMP)
 	python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip setuptools wheel
 
-$(STAMP): .venv/bin/python pyproject.toml setup.py src/dinat/ops/csrc/na_cpu.c
+$(STAMP): .venv/bin/python pyproject.toml setup.py src/dinat/ops/csrc/na_cpu.c src/dinat/ops/csrc/na_kernels.h
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 

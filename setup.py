@@ -33,6 +33,7 @@ setup(
         Extension(
             "dinat.ops._na_cpu",
             sources=["src/dinat/ops/csrc/na_cpu.c"],
+            depends=["src/dinat/ops/csrc/na_kernels.h"],
             extra_compile_args=["-O3", "-march=native", "-fopenmp", "-std=c11"],
             extra_link_args=["-fopenmp"],
         )

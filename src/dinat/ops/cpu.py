@@ -1,9 +1,227 @@
-"""Vectorised CPU kernels (work in progress)."""
+"""The CPU backend: vectorised C kernels (``csrc/na_cpu.c``) behind ``torch.library`` custom ops.
+
+The kernels work on channel-major layouts (features (N, C, H, W), weights (N, H, kh*kw, W)), so
+this module permutes in and out once per call. Three primitive ops are closed under
+differentiation (the gradient of each is made of the other two), so forward, backward and double
+backward all run on the kernels, and ``torch.compile`` sees opaque custom ops with fake
+implementations (no graph breaks). float32 and float64 run natively; other dtypes (bfloat16 under
+autocast) are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from .reference import axis_neighborhood, relative_position_bias
+
+Pair = tuple[int, int]
+_NATIVE = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def available(x=None) -> bool:
-    return False
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The compiled kernels, or the reason they cannot be loaded."""
+    spec = importlib.util.find_spec("dinat.ops._na_cpu")
+    if spec is None or spec.origin is None:
+        return "the C kernels were not built at install time (reinstall with a C compiler present)"
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as err:
+        return f"the C kernels failed to load: {err}"
+    argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    for name in ("na_dot", "na_weighted_sum", "na_scatter"):
+        for suffix in _NATIVE.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = argtypes
+            fn.restype = None
+    lib.na_read_slack.restype = ctypes.c_int64
+    return lib
 
 
-def unavailable_reason(x=None) -> str:
-    return "not built yet"
+def available(x: Tensor | None = None) -> bool:
+    return not isinstance(_library(), str) and (x is None or x.device.type == "cpu")
+
+
+def unavailable_reason(x: Tensor | None = None) -> str:
+    lib = _library()
+    if isinstance(lib, str):
+        return lib
+    return f"tensors are on {x.device}, not the CPU" if x is not None else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _starts(height: int, width: int, kernel: Pair, dilation: Pair) -> tuple[Tensor, Tensor]:
+    """First key row of every query row and first key column of every query column."""
+    rows, _ = axis_neighborhood(height, kernel[0], dilation[0])
+    cols, _ = axis_neighborhood(width, kernel[1], dilation[1])
+    return rows[:, 0].contiguous(), cols[:, 0].contiguous()
+
+
+def _launch(name: str, first: Tensor, second: Tensor, out: Tensor, features: Tensor, kernel, dilation) -> None:
+    """Run kernel ``name``; ``features`` is the (N, C, H, W) operand that sets the geometry."""
+    _, channels, height, width = features.shape
+    rowstart, colstart = _starts(height, width, tuple(kernel), tuple(dilation))
+    fn = getattr(_library(), f"{name}_{_NATIVE[out.dtype]}")
+    fn(
+        first.data_ptr(), second.data_ptr(), out.data_ptr(),
+        out.shape[0], channels, height, width,
+        kernel[0], kernel[1], dilation[0], dilation[1],
+        rowstart.data_ptr(), colstart.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def _read_slack() -> int:
+    return _library().na_read_slack()
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> Tensor:
+    """A contiguous tensor followed by the slack the kernels may read past its end."""
+    numel = math.prod(shape)
+    buffer = (torch.zeros if zero else torch.empty)(numel + _read_slack(), dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+def _operand(x: Tensor) -> Tensor:
+    """x as a contiguous kernel operand with readable slack after it (copied only if needed)."""
+    if x.is_contiguous():
+        readable = x.untyped_storage().nbytes() // x.element_size() - x.storage_offset()
+        if readable - x.numel() >= _read_slack():
+            return x
+    out = _empty(tuple(x.shape), x.dtype)
+    out.copy_(x)
+    return out
+
+
+# -- the three primitives ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("dinat::na_dot", mutates_args=())
+def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """(N, C, H, W) x (N, C, H, W) -> (N, H, kh*kw, W): a . b over each query's neighbors."""
+    a, b = _operand(a), _operand(b)
+    n, _, h, w = a.shape
+    out = _empty((n, h, kernel[0] * kernel[1], w), a.dtype)
+    _launch("na_dot", a, b, out, a, kernel, dilation)
+    return out
+
+
+@torch.library.custom_op("dinat::na_weighted_sum", mutates_args=())
+def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """(N, H, kh*kw, W) x (N, C, H, W) -> (N, C, H, W): sum of neighbors of b weighted by p."""
+    p, b = _operand(p), _operand(b)
+    out = _empty(tuple(b.shape), b.dtype)
+    _launch("na_weighted_sum", p, b, out, b, kernel, dilation)
+    return out
+
+
+@torch.library.custom_op("dinat::na_scatter", mutates_args=())
+def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """(N, H, kh*kw, W) x (N, C, H, W) -> (N, C, H, W): each key gathers p * a from its queries."""
+    p, a = _operand(p), _operand(a)
+    out = _empty(tuple(a.shape), a.dtype, zero=True)
+    _launch("na_scatter", p, a, out, a, kernel, dilation)
+    return out
+
+
+@na_dot.register_fake
+def _(a, b, kernel, dilation):
+    n, _, h, w = a.shape
+    return a.new_empty(n, h, kernel[0] * kernel[1], w)
+
+
+@na_weighted_sum.register_fake
+def _(p, b, kernel, dilation):
+    return torch.empty_like(b)
+
+
+@na_scatter.register_fake
+def _(p, a, kernel, dilation):
+    return torch.empty_like(a)
+
+
+def _setup(ctx, inputs, output) -> None:
+    first, second, kernel, dilation = inputs
+    ctx.save_for_backward(first, second)
+    ctx.geometry = (kernel, dilation)
+
+
+def _dot_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = na_weighted_sum(grad, b, *ctx.geometry) if ctx.needs_input_grad[0] else None
+    grad_b = na_scatter(grad, a, *ctx.geometry) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None, None
+
+
+def _weighted_sum_backward(ctx, grad):
+    p, b = ctx.saved_tensors
+    grad_p = na_dot(grad, b, *ctx.geometry) if ctx.needs_input_grad[0] else None
+    grad_b = na_scatter(p, grad, *ctx.geometry) if ctx.needs_input_grad[1] else None
+    return grad_p, grad_b, None, None
+
+
+def _scatter_backward(ctx, grad):
+    p, a = ctx.saved_tensors
+    grad_p = na_dot(a, grad, *ctx.geometry) if ctx.needs_input_grad[0] else None
+    grad_a = na_weighted_sum(p, grad, *ctx.geometry) if ctx.needs_input_grad[1] else None
+    return grad_p, grad_a, None, None
+
+
+na_dot.register_autograd(_dot_backward, setup_context=_setup)
+na_weighted_sum.register_autograd(_weighted_sum_backward, setup_context=_setup)
+na_scatter.register_autograd(_scatter_backward, setup_context=_setup)
+
+
+# -- the backend interface (see functional.py) -------------------------------------------------
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in _NATIVE else torch.float32
+
+
+def _channel_major(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Permute x to channel-major, flatten batch and heads, in the kernels' dtype."""
+    x = x.permute(*dims)
+    out = _empty((x.shape[0] * x.shape[1], *x.shape[2:]), _compute_dtype(x))
+    out.view(x.shape).copy_(x)
+    return out
+
+
+def _bias(rpb: Tensor, height: int, width: int, kernel: Pair, dilation: Pair) -> Tensor:
+    """The rpb term of the logits in the weights layout: (heads, H, kh*kw, W)."""
+    return relative_position_bias(rpb, height, width, kernel, dilation).transpose(2, 3)
+
+
+def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None) -> Tensor:
+    batch, heads, height, width, _ = q.shape
+    qc, kc = (_channel_major(t, (0, 1, 4, 2, 3)) for t in (q, k))
+    logits = na_dot(qc, kc, list(kernel), list(dilation)).view(batch, heads, height, -1, width)
+    if rpb is not None:
+        logits = logits + _bias(rpb.to(logits.dtype), height, width, kernel, dilation)
+    return logits.transpose(3, 4).to(q.dtype)
+
+
+def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
+    batch, heads, height, width, dim = v.shape
+    weights = _channel_major(attn, (0, 1, 2, 4, 3))
+    out = na_weighted_sum(weights, _channel_major(v, (0, 1, 4, 2, 3)), list(kernel), list(dilation))
+    return out.view(batch, heads, dim, height, width).permute(0, 1, 3, 4, 2).to(v.dtype)
+
+
+def na2d(
+    q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float
+) -> Tensor:
+    batch, height, width, heads, dim = q.shape
+    qc, kc, vc = (_channel_major(t, (0, 3, 4, 1, 2)) for t in (q * scale, k, v))
+    geometry = (list(kernel), list(dilation))
+    logits = na_dot(qc, kc, *geometry).view(batch, heads, height, -1, width)
+    if rpb is not None:
+        logits = logits + _bias(rpb.to(logits.dtype), height, width, kernel, dilation)
+    attn = logits.softmax(dim=3).view(batch * heads, height, -1, width)
+    out = na_weighted_sum(attn, vc, *geometry)
+    return out.view(batch, heads, dim, height, width).permute(0, 3, 4, 1, 2).to(q.dtype)

@@ -1,0 +1,216 @@
+/* Kernel bodies, included by na_cpu.c once per element type T with name suffix SUFFIX.
+ * Vectors are GCC/Clang vector extensions of VL lanes (one lane per query of a chunk). */
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define NAME(x) CAT(x, SUFFIX)
+#define VEC NAME(vec)
+#define UVEC NAME(uvec)
+
+typedef T VEC __attribute__((vector_size(VL * sizeof(T))));
+typedef T UVEC __attribute__((vector_size(VL * sizeof(T)), aligned(sizeof(T)))); /* unaligned access */
+
+#define GEOMETRY_ARGS                                                                              \
+    int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t dh, int64_t dw,    \
+        const int64_t *rowstart, const int64_t *colstart, int nthreads
+
+/* Scratch for `count` vectors, aligned as the vector type requires (malloc only guarantees 16). */
+static inline VEC *NAME(alloc_vectors)(int64_t count) {
+    return aligned_alloc(64, ((sizeof(VEC) * (size_t)count + 63) / 64) * 64);
+}
+
+/* A full vector from src. The caller guarantees VL readable elements past the end of every
+ * operand (see cpu.py), so a chunk near the end of a row may read past it: those lanes are never
+ * stored. */
+static inline VEC NAME(load)(const T *src) { return *(const UVEC *)src; }
+
+/* Lanes [0, len) of v to dst. */
+static inline void NAME(store)(T *dst, VEC v, int64_t len) {
+    if (len == VL) {
+        *(UVEC *)dst = v;
+        return;
+    }
+    for (int64_t u = 0; u < len; u++) dst[u] = v[u];
+}
+
+void NAME(na_dot)(const T *A, const T *B, T *out, GEOMETRY_ARGS) {
+    const int64_t HW = H * W, KK = kh * kw;
+    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
+    const int64_t nchunks = make_chunks(colstart, W, chunks);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t i = 0; i < H; i++) {
+            VEC *q = NAME(alloc_vectors)(C);
+            for (int64_t s = 0; s < nchunks; s++) {
+                const chunk_t *ch = &chunks[s];
+                for (int64_t c = 0; c < C; c++) q[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0);
+                for (int64_t a = 0; a < kh; a++) {
+                    const T *rowk = B + n * C * HW + (rowstart[i] + a * dh) * W + colstart[ch->j0];
+                    T *o = out + ((n * H + i) * KK + a * kw) * W + ch->j0;
+                    for (int64_t b0 = 0; b0 < kw; b0 += BLOCK) {
+                        int64_t offset[BLOCK]; /* past kw, repeat the last neighbor (not stored) */
+                        for (int64_t x = 0; x < BLOCK; x++) offset[x] = (b0 + x < kw ? b0 + x : kw - 1) * dw;
+                        VEC acc[BLOCK] = {{0}};
+                        if (ch->shift) {
+                            for (int64_t c = 0; c < C; c++)
+                                for (int64_t x = 0; x < BLOCK; x++)
+                                    acc[x] += q[c] * NAME(load)(rowk + c * HW + offset[x]);
+                        } else {
+                            for (int64_t c = 0; c < C; c++)
+                                for (int64_t x = 0; x < BLOCK; x++) acc[x] += q[c] * rowk[c * HW + offset[x]];
+                        }
+                        for (int64_t x = 0; x < BLOCK && b0 + x < kw; x++) NAME(store)(o + (b0 + x) * W, acc[x], ch->len);
+                    }
+                }
+            }
+            free(q);
+        }
+    }
+    free(chunks);
+}
+
+void NAME(na_weighted_sum)(const T *P, const T *B, T *out, GEOMETRY_ARGS) {
+    const int64_t HW = H * W, KK = kh * kw;
+    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
+    const int64_t nchunks = make_chunks(colstart, W, chunks);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t i = 0; i < H; i++) {
+            VEC *p = NAME(alloc_vectors)(KK);
+            const T *Pi = P + (n * H + i) * KK * W;
+            for (int64_t s = 0; s < nchunks; s++) {
+                const chunk_t *ch = &chunks[s];
+                for (int64_t ab = 0; ab < KK; ab++) p[ab] = NAME(load)(Pi + ab * W + ch->j0);
+                for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
+                    int64_t plane[BLOCK]; /* past C, repeat the last channel (not stored) */
+                    for (int64_t x = 0; x < BLOCK; x++) plane[x] = (c0 + x < C ? c0 + x : C - 1) * HW;
+                    VEC acc[BLOCK] = {{0}};
+                    for (int64_t a = 0; a < kh; a++) {
+                        const T *rowv = B + n * C * HW + (rowstart[i] + a * dh) * W + colstart[ch->j0];
+                        const VEC *pa = p + a * kw;
+                        if (ch->shift) {
+                            for (int64_t b = 0; b < kw; b++)
+                                for (int64_t x = 0; x < BLOCK; x++)
+                                    acc[x] += pa[b] * NAME(load)(rowv + plane[x] + b * dw);
+                        } else {
+                            for (int64_t b = 0; b < kw; b++)
+                                for (int64_t x = 0; x < BLOCK; x++) acc[x] += pa[b] * rowv[plane[x] + b * dw];
+                        }
+                    }
+                    for (int64_t x = 0; x < BLOCK && c0 + x < C; x++)
+                        NAME(store)(out + (n * C + c0 + x) * HW + i * W + ch->j0, acc[x], ch->len);
+                }
+            }
+            free(p);
+        }
+    }
+    free(chunks);
+}
+
+/* out must be zero-filled by the caller. Each n is owned by one thread.
+ *
+ * Queries whose neighborhood is not clamped ("regular": colstart[j] == j - r*dw) are summed as a
+ * gather over keys: key k receives neighbor b of query k + (r - b)*dw, read from zero-padded row
+ * copies, so a chunk of keys accumulates in registers and is written once. The few clamped border
+ * queries are then scattered with read-modify-writes, one query row sweep per neighbor so that
+ * consecutive writes never overlap (overlap would stall store-to-load forwarding). */
+void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
+    const int64_t HW = H * W, KK = kh * kw, CB = (C + BLOCK - 1) / BLOCK;
+    const int64_t R = (kw / 2) * dw, WP = W + 2 * R + VL; /* padded row: R zeros, W, R + VL zeros */
+    const int64_t PTW = KK + VL;                          /* a border query's weights, plus slack */
+    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
+    const int64_t nchunks = make_chunks(colstart, W, chunks);
+    char *regular = malloc((size_t)W);
+    char *clamped_chunk = calloc((size_t)nchunks, 1);
+    for (int64_t j = 0; j < W; j++) regular[j] = colstart[j] == j - R;
+    for (int64_t s = 0; s < nchunks; s++)
+        for (int64_t u = chunks[s].first; u < chunks[s].len; u++)
+            if (!regular[chunks[s].j0 + u]) clamped_chunk[s] = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        T *apad = calloc((size_t)(BLOCK * WP), sizeof(T));
+        T *ppad = calloc((size_t)(KK * WP), sizeof(T));
+        VEC *val = NAME(alloc_vectors)(nchunks * BLOCK);
+        T *pt = calloc((size_t)(nchunks * VL * PTW), sizeof(T)); /* border weights, query-major */
+        for (int64_t i = 0; i < H; i++) {
+            const T *Pi = P + (n * H + i) * KK * W;
+            for (int64_t s = 0; s < nchunks; s++)
+                if (clamped_chunk[s] && !chunks[s].shift)
+                    for (int64_t u = 0; u < chunks[s].len; u++)
+                        for (int64_t ab = 0; ab < KK; ab++) pt[(s * VL + u) * PTW + ab] = Pi[ab * W + chunks[s].j0 + u];
+            for (int64_t ab = 0; ab < KK; ab++) memcpy(ppad + ab * WP + R, Pi + ab * W, sizeof(T) * (size_t)W);
+            for (int64_t cb = 0; cb < CB; cb++) {
+                const int64_t c0 = cb * BLOCK, nc = C - c0 < BLOCK ? C - c0 : BLOCK;
+                for (int64_t x = 0; x < nc; x++) {
+                    const T *Ai = A + (n * C + c0 + x) * HW + i * W;
+                    for (int64_t j = 0; j < W; j++) apad[x * WP + R + j] = regular[j] ? Ai[j] : (T)0;
+                    for (int64_t s = 0; s < nchunks; s++) {
+                        if (!clamped_chunk[s]) continue;
+                        VEC v = NAME(load)(Ai + chunks[s].j0);
+                        for (int64_t u = 0; u < VL; u++)
+                            if (u < chunks[s].first || u >= chunks[s].len || regular[chunks[s].j0 + u]) v[u] = 0;
+                        val[s * BLOCK + x] = v;
+                    }
+                }
+                for (int64_t a = 0; a < kh; a++) {
+                    T *rowo = out + (n * C + c0) * HW + (rowstart[i] + a * dh) * W;
+                    for (int64_t k0 = 0; k0 < W; k0 += VL) {
+                        VEC acc[BLOCK] = {{0}};
+                        for (int64_t b = 0; b < kw; b++) {
+                            const int64_t from = R + k0 + (kw / 2 - b) * dw;
+                            const VEC w = NAME(load)(ppad + (a * kw + b) * WP + from);
+                            for (int64_t x = 0; x < BLOCK; x++) acc[x] += w * NAME(load)(apad + x * WP + from);
+                        }
+                        const int64_t len = W - k0 < VL ? W - k0 : VL;
+                        for (int64_t x = 0; x < nc; x++) {
+                            T *o = rowo + x * HW + k0;
+                            if (len == VL) {
+                                *(UVEC *)o += acc[x];
+                            } else {
+                                for (int64_t u = 0; u < len; u++) o[u] += acc[x][u];
+                            }
+                        }
+                    }
+                    for (int64_t s = 0; s < nchunks; s++) {
+                        if (!clamped_chunk[s]) continue;
+                        const chunk_t *ch = &chunks[s];
+                        T *o = rowo + colstart[ch->j0];
+                        if (ch->shift) { /* lanes of different keys: one read-modify-write per lane */
+                            for (int64_t b = 0; b < kw; b++) {
+                                const VEC w = NAME(load)(Pi + (a * kw + b) * W + ch->j0);
+                                for (int64_t x = 0; x < nc; x++) {
+                                    const VEC contrib = w * val[s * BLOCK + x];
+                                    for (int64_t u = 0; u < ch->len; u++) o[x * HW + b * dw + u] += contrib[u];
+                                }
+                            }
+                            continue;
+                        }
+                        /* All lanes share their keys: vectorise over the neighbors b instead. */
+                        const T *pts = pt + s * VL * PTW;
+                        for (int64_t b0 = 0; b0 < kw; b0 += VL) {
+                            for (int64_t x = 0; x < nc; x++) {
+                                VEC acc = {0};
+                                for (int64_t u = 0; u < ch->len; u++)
+                                    acc += NAME(load)(pts + u * PTW + a * kw + b0) * val[s * BLOCK + x][u];
+                                for (int64_t e = 0; e < VL && b0 + e < kw; e++) o[x * HW + (b0 + e) * dw] += acc[e];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(pt);
+        free(val);
+        free(ppad);
+        free(apad);
+    }
+    free(clamped_chunk);
+    free(regular);
+    free(chunks);
+}
+
+#undef GEOMETRY_ARGS
+#undef UVEC
+#undef VEC
+#undef NAME
+#undef CAT
+#undef CAT_

@@ -36,6 +36,7 @@ setup(
             depends=["src/dinat/ops/csrc/na_kernels.h"],
             extra_compile_args=["-O3", "-march=native", "-fopenmp", "-std=c11"],
             extra_link_args=["-fopenmp"],
+            libraries=["m"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

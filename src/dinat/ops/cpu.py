@@ -40,6 +40,13 @@ def _library() -> ctypes.CDLL | str:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = argtypes
             fn.restype = None
+    for suffix in _NATIVE.values():
+        fn = getattr(lib, f"na_attend_{suffix}")
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_double] + [ctypes.c_void_p] * 3 + argtypes[3:]
+        fn.restype = None
+        fn = getattr(lib, f"na_attend_backward_{suffix}")
+        fn.argtypes = [ctypes.c_void_p] + argtypes
+        fn.restype = None
     lib.na_read_slack.restype = ctypes.c_int64
     return lib
 
@@ -56,20 +63,21 @@ def unavailable_reason(x: Tensor | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _starts(height: int, width: int, kernel: Pair, dilation: Pair) -> tuple[Tensor, Tensor]:
-    """First key row of every query row and first key column of every query column."""
-    rows, _ = axis_neighborhood(height, kernel[0], dilation[0])
-    cols, _ = axis_neighborhood(width, kernel[1], dilation[1])
-    return rows[:, 0].contiguous(), cols[:, 0].contiguous()
+def _geometry(height: int, width: int, kernel: Pair, dilation: Pair) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query row and column: the first key's position and the rpb index of that first key."""
+    rows, row_bias = axis_neighborhood(height, kernel[0], dilation[0])
+    cols, col_bias = axis_neighborhood(width, kernel[1], dilation[1])
+    return tuple(t[:, 0].contiguous() for t in (rows, cols, row_bias, col_bias))
 
 
-def _launch(name: str, first: Tensor, second: Tensor, out: Tensor, features: Tensor, kernel, dilation) -> None:
-    """Run kernel ``name``; ``features`` is the (N, C, H, W) operand that sets the geometry."""
+def _launch(name: str, operands: tuple, out: Tensor, features: Tensor, kernel, dilation) -> None:
+    """Run kernel ``name`` on ``operands`` (tensors or raw arguments); ``features`` is the
+    (N, C, H, W) operand that sets the geometry."""
     _, channels, height, width = features.shape
-    rowstart, colstart = _starts(height, width, tuple(kernel), tuple(dilation))
+    rowstart, colstart, _, _ = _geometry(height, width, tuple(kernel), tuple(dilation))
     fn = getattr(_library(), f"{name}_{_NATIVE[out.dtype]}")
     fn(
-        first.data_ptr(), second.data_ptr(), out.data_ptr(),
+        *(x.data_ptr() if isinstance(x, Tensor) else x for x in operands), out.data_ptr(),
         out.shape[0], channels, height, width,
         kernel[0], kernel[1], dilation[0], dilation[1],
         rowstart.data_ptr(), colstart.data_ptr(), torch.get_num_threads(),
@@ -107,7 +115,7 @@ def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tens
     a, b = _operand(a), _operand(b)
     n, _, h, w = a.shape
     out = _empty((n, h, kernel[0] * kernel[1], w), a.dtype)
-    _launch("na_dot", a, b, out, a, kernel, dilation)
+    _launch("na_dot", (a, b), out, a, kernel, dilation)
     return out
 
 
@@ -116,7 +124,7 @@ def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]
     """(N, H, kh*kw, W) x (N, C, H, W) -> (N, C, H, W): sum of neighbors of b weighted by p."""
     p, b = _operand(p), _operand(b)
     out = _empty(tuple(b.shape), b.dtype)
-    _launch("na_weighted_sum", p, b, out, b, kernel, dilation)
+    _launch("na_weighted_sum", (p, b), out, b, kernel, dilation)
     return out
 
 
@@ -125,8 +133,81 @@ def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> 
     """(N, H, kh*kw, W) x (N, C, H, W) -> (N, C, H, W): each key gathers p * a from its queries."""
     p, a = _operand(p), _operand(a)
     out = _empty(tuple(a.shape), a.dtype, zero=True)
-    _launch("na_scatter", p, a, out, a, kernel, dilation)
+    _launch("na_scatter", (p, a), out, a, kernel, dilation)
     return out
+
+
+@torch.library.custom_op("dinat::na2d_fused", mutates_args=())
+def na2d_fused(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    heads: int,
+    scale: float,
+    kernel: list[int],
+    dilation: list[int],
+) -> tuple[Tensor, Tensor]:
+    """Fused attention on features (N, C, H, W): softmax(scale * q.k + rpb[n % heads]) v.
+
+    Returns the output (N, C, H, W) and the attention (N, H, kh*kw, W), kept for the backward.
+    """
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    n, _, h, w = q.shape
+    _, _, rowoff, coloff = _geometry(h, w, tuple(kernel), tuple(dilation))
+    attn = _empty((n, h, kernel[0] * kernel[1], w), q.dtype)
+    bias = 0 if rpb is None else rpb.to(q.dtype).contiguous()
+    _launch("na_attend", (q, k, bias, heads, scale, rowoff, coloff), attn, q, kernel, dilation)
+    out = _empty(tuple(v.shape), v.dtype)
+    _launch("na_weighted_sum", (attn, v), out, v, kernel, dilation)
+    return out, attn
+
+
+@na2d_fused.register_fake
+def _(q, k, v, rpb, heads, scale, kernel, dilation):
+    n, _, h, w = q.shape
+    return torch.empty_like(v), q.new_empty(n, h, kernel[0] * kernel[1], w)
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_bins(heads: int, height: int, width: int, kernel: Pair, dilation: Pair) -> Tensor:
+    """Flat rpb index of every logit in the weights layout, (heads * H * kh*kw * W,)."""
+    _, rows = axis_neighborhood(height, kernel[0], dilation[0])
+    _, cols = axis_neighborhood(width, kernel[1], dilation[1])
+    table_w = 2 * kernel[1] - 1
+    table = (2 * kernel[0] - 1) * table_w
+    within = rows[:, :, None, None] * table_w + cols.T[None, None, :, :]  # (H, kh, kw, W)
+    bins = torch.arange(heads)[:, None, None, None] * table + within.reshape(1, height, -1, width)
+    return bins.flatten()
+
+
+def _fused_setup(ctx, inputs, output) -> None:
+    q, k, v, rpb, heads, scale, kernel, dilation = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.rpb_shape = None if rpb is None else rpb.shape
+    ctx.args = (heads, scale, kernel, dilation)
+
+
+def _fused_backward(ctx, grad_out, _grad_attn):
+    q, k, v, attn = ctx.saved_tensors
+    heads, scale, kernel, dilation = ctx.args
+    grad_out = _operand(grad_out)
+    grad_logits = _empty(tuple(attn.shape), attn.dtype)
+    _launch("na_attend_backward", (grad_out, _operand(v), attn), grad_logits, grad_out, kernel, dilation)
+    needs = ctx.needs_input_grad
+    grad_q = na_weighted_sum(grad_logits, k, kernel, dilation) * scale if needs[0] else None
+    grad_k = na_scatter(grad_logits, q, kernel, dilation) * scale if needs[1] else None
+    grad_v = na_scatter(attn, grad_out, kernel, dilation) if needs[2] else None
+    grad_rpb = None
+    if ctx.rpb_shape is not None and needs[3]:
+        n, height, _, width = attn.shape
+        per_head = grad_logits.view(n // heads, -1).sum(0)
+        bins = _bias_bins(heads, height, width, tuple(kernel), tuple(dilation))
+        grad_rpb = per_head.new_zeros(ctx.rpb_shape.numel()).index_add_(0, bins, per_head).view(ctx.rpb_shape)
+    return grad_q, grad_k, grad_v, grad_rpb, None, None, None, None
+
+
+na2d_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 @na_dot.register_fake
@@ -213,15 +294,42 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     return out.view(batch, heads, dim, height, width).permute(0, 1, 3, 4, 2).to(v.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _group_bias_index(kernel: Pair) -> tuple[Tensor, Tensor]:
+    """rpb row and column of every (query, key) pair of a kh x kw group: (KK, KK) each."""
+    rows, cols = torch.meshgrid(torch.arange(kernel[0]), torch.arange(kernel[1]), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return rows[None, :] - rows[:, None] + kernel[0] - 1, cols[None, :] - cols[:, None] + kernel[1] - 1
+
+
+def _full_group_attention(
+    q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float
+) -> Tensor:
+    """na2d when H == kh*dh and W == kw*dw: every dilation group is a kh x kw grid that each of its
+    queries attends whole, i.e. plain attention within groups (batched matmuls, like Swin's windows).
+    """
+    batch, height, width, heads, dim = q.shape
+    (kh, kw), (dh, dw) = kernel, dilation
+
+    def to_groups(x: Tensor) -> Tensor:  # (B, H, W, h, D) -> (B*dh*dw, h, kh*kw, D)
+        x = x.reshape(batch, kh, dh, kw, dw, heads, dim).permute(0, 2, 4, 5, 1, 3, 6)
+        return x.reshape(batch * dh * dw, heads, kh * kw, dim)
+
+    logits = (to_groups(q) * scale) @ to_groups(k).transpose(-1, -2)
+    if rpb is not None:
+        logits = logits + rpb[:, *_group_bias_index(kernel)]
+    out = logits.softmax(dim=-1) @ to_groups(v)
+    out = out.view(batch, dh, dw, heads, kh, kw, dim).permute(0, 4, 1, 5, 2, 3, 6)
+    return out.reshape(batch, height, width, heads, dim)
+
+
 def na2d(
     q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float
 ) -> Tensor:
     batch, height, width, heads, dim = q.shape
-    qc, kc, vc = (_channel_major(t, (0, 3, 4, 1, 2)) for t in (q * scale, k, v))
-    geometry = (list(kernel), list(dilation))
-    logits = na_dot(qc, kc, *geometry).view(batch, heads, height, -1, width)
-    if rpb is not None:
-        logits = logits + _bias(rpb.to(logits.dtype), height, width, kernel, dilation)
-    attn = logits.softmax(dim=3).view(batch * heads, height, -1, width)
-    out = na_weighted_sum(attn, vc, *geometry)
+    if (height, width) == (kernel[0] * dilation[0], kernel[1] * dilation[1]):
+        return _full_group_attention(q, k, v, kernel, dilation, rpb, scale)
+    qc, kc, vc = (_channel_major(t, (0, 3, 4, 1, 2)) for t in (q, k, v))
+    bias = None if rpb is None else rpb.to(qc.dtype)
+    out, _ = na2d_fused(qc, kc, vc, bias, heads, scale, list(kernel), list(dilation))
     return out.view(batch, heads, dim, height, width).permute(0, 3, 4, 1, 2).to(q.dtype)

@@ -18,6 +18,7 @@
  *
  * The body is written once (na_kernels.h) and compiled for float and double.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,13 +67,17 @@ static int64_t make_chunks(const int64_t *colstart, int64_t W, chunk_t *chunks) 
 
 #define T float
 #define SUFFIX f32
+#define IS_FLOAT 1
 #include "na_kernels.h"
+#undef IS_FLOAT
 #undef T
 #undef SUFFIX
 
 #define T double
 #define SUFFIX f64
+#define IS_FLOAT 0
 #include "na_kernels.h"
+#undef IS_FLOAT
 #undef T
 #undef SUFFIX
 

@@ -32,6 +32,122 @@ static inline void NAME(store)(T *dst, VEC v, int64_t len) {
     for (int64_t u = 0; u < len; u++) dst[u] = v[u];
 }
 
+/* exp of every lane, for lanes <= 0 (logits minus their maximum). float: Cephes' expf polynomial
+ * (about 1 ulp) with the power of two built in the exponent bits; double: libm per lane. */
+static inline VEC NAME(exp_nonpositive)(VEC x) {
+#if IS_FLOAT
+    typedef int32_t ivec __attribute__((vector_size(VL * sizeof(int32_t))));
+    for (int64_t u = 0; u < VL; u++) x[u] = x[u] < -87.0f ? -87.0f : x[u];
+    const VEC n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    const VEC r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    VEC p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return p * (VEC)bits;
+#else
+    for (int64_t u = 0; u < VL; u++) x[u] = exp(x[u]);
+    return x;
+#endif
+}
+
+/* The dot products of a chunk of queries (pre-scaled, q[c]) with all kh*kw neighbors: logit[ab]. */
+static inline void NAME(chunk_dots)(const VEC *q, const T *Bn, const chunk_t *ch, int64_t C, int64_t HW,
+                                    int64_t W, int64_t row0, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
+                                    int64_t col0, VEC *logit) {
+    for (int64_t a = 0; a < kh; a++) {
+        const T *rowk = Bn + (row0 + a * dh) * W + col0;
+        for (int64_t b0 = 0; b0 < kw; b0 += BLOCK) {
+            int64_t offset[BLOCK]; /* past kw, repeat the last neighbor (not kept) */
+            for (int64_t x = 0; x < BLOCK; x++) offset[x] = (b0 + x < kw ? b0 + x : kw - 1) * dw;
+            VEC acc[BLOCK] = {{0}};
+            if (ch->shift) {
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t x = 0; x < BLOCK; x++) acc[x] += q[c] * NAME(load)(rowk + c * HW + offset[x]);
+            } else {
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t x = 0; x < BLOCK; x++) acc[x] += q[c] * rowk[c * HW + offset[x]];
+            }
+            for (int64_t x = 0; x < BLOCK && b0 + x < kw; x++) logit[a * kw + b0 + x] = acc[x];
+        }
+    }
+}
+
+/* Fused logits and softmax: out[n,i,ab,j] = softmax_ab(scale * A.B(nbr) + rpb[h, row, col]) with
+ * h = n % heads; rpb (heads, 2kh-1, 2kw-1) or NULL. rowoff[i] / coloff[j] are the rpb row / column of
+ * neighbor 0 of query row i / column j. */
+void NAME(na_attend)(const T *A, const T *B, const T *rpb, int64_t heads, double scale, const int64_t *rowoff,
+                     const int64_t *coloff, T *out, GEOMETRY_ARGS) {
+    const int64_t HW = H * W, KK = kh * kw, RW = 2 * kw - 1, RS = (2 * kh - 1) * RW;
+    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
+    const int64_t nchunks = make_chunks(colstart, W, chunks);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t i = 0; i < H; i++) {
+            VEC *q = NAME(alloc_vectors)(C);
+            VEC *logit = NAME(alloc_vectors)(KK);
+            const T *rpb_h = rpb ? rpb + (n % heads) * RS : NULL;
+            for (int64_t s = 0; s < nchunks; s++) {
+                const chunk_t *ch = &chunks[s];
+                for (int64_t c = 0; c < C; c++) q[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0) * (T)scale;
+                NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], logit);
+                if (rpb_h)
+                    for (int64_t a = 0; a < kh; a++)
+                        for (int64_t b = 0; b < kw; b++)
+                            for (int64_t u = 0; u < VL; u++)
+                                logit[a * kw + b][u] += rpb_h[(rowoff[i] + a) * RW + coloff[ch->j0 + (u < ch->len ? u : 0)] + b];
+                VEC top = logit[0];
+                for (int64_t ab = 1; ab < KK; ab++)
+                    for (int64_t u = 0; u < VL; u++) top[u] = logit[ab][u] > top[u] ? logit[ab][u] : top[u];
+                VEC total = {0};
+                for (int64_t ab = 0; ab < KK; ab++) {
+                    logit[ab] = NAME(exp_nonpositive)(logit[ab] - top);
+                    total += logit[ab];
+                }
+                const VEC inverse = 1 / total;
+                T *o = out + (n * H + i) * KK * W + ch->j0;
+                for (int64_t ab = 0; ab < KK; ab++) NAME(store)(o + ab * W, logit[ab] * inverse, ch->len);
+            }
+            free(logit);
+            free(q);
+        }
+    }
+    free(chunks);
+}
+
+/* Backward of softmax(logits) followed by a weighted sum of V, fused: with dP = dO.V(nbr),
+ * out = P * (dP - sum_ab P * dP), the gradient of the logits. dO (A) and V (B) are features,
+ * P is weights. */
+void NAME(na_attend_backward)(const T *A, const T *B, const T *P, T *out, GEOMETRY_ARGS) {
+    const int64_t HW = H * W, KK = kh * kw;
+    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
+    const int64_t nchunks = make_chunks(colstart, W, chunks);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t i = 0; i < H; i++) {
+            VEC *g = NAME(alloc_vectors)(C);
+            VEC *grad = NAME(alloc_vectors)(KK);
+            for (int64_t s = 0; s < nchunks; s++) {
+                const chunk_t *ch = &chunks[s];
+                for (int64_t c = 0; c < C; c++) g[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0);
+                NAME(chunk_dots)(g, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], grad);
+                const T *p = P + (n * H + i) * KK * W + ch->j0;
+                VEC total = {0};
+                for (int64_t ab = 0; ab < KK; ab++) total += NAME(load)(p + ab * W) * grad[ab];
+                T *o = out + (n * H + i) * KK * W + ch->j0;
+                for (int64_t ab = 0; ab < KK; ab++)
+                    NAME(store)(o + ab * W, NAME(load)(p + ab * W) * (grad[ab] - total), ch->len);
+            }
+            free(grad);
+            free(g);
+        }
+    }
+    free(chunks);
+}
+
 void NAME(na_dot)(const T *A, const T *B, T *out, GEOMETRY_ARGS) {
     const int64_t HW = H * W, KK = kh * kw;
     chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
@@ -40,28 +156,15 @@ void NAME(na_dot)(const T *A, const T *B, T *out, GEOMETRY_ARGS) {
     for (int64_t n = 0; n < N; n++) {
         for (int64_t i = 0; i < H; i++) {
             VEC *q = NAME(alloc_vectors)(C);
+            VEC *logit = NAME(alloc_vectors)(KK);
             for (int64_t s = 0; s < nchunks; s++) {
                 const chunk_t *ch = &chunks[s];
                 for (int64_t c = 0; c < C; c++) q[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0);
-                for (int64_t a = 0; a < kh; a++) {
-                    const T *rowk = B + n * C * HW + (rowstart[i] + a * dh) * W + colstart[ch->j0];
-                    T *o = out + ((n * H + i) * KK + a * kw) * W + ch->j0;
-                    for (int64_t b0 = 0; b0 < kw; b0 += BLOCK) {
-                        int64_t offset[BLOCK]; /* past kw, repeat the last neighbor (not stored) */
-                        for (int64_t x = 0; x < BLOCK; x++) offset[x] = (b0 + x < kw ? b0 + x : kw - 1) * dw;
-                        VEC acc[BLOCK] = {{0}};
-                        if (ch->shift) {
-                            for (int64_t c = 0; c < C; c++)
-                                for (int64_t x = 0; x < BLOCK; x++)
-                                    acc[x] += q[c] * NAME(load)(rowk + c * HW + offset[x]);
-                        } else {
-                            for (int64_t c = 0; c < C; c++)
-                                for (int64_t x = 0; x < BLOCK; x++) acc[x] += q[c] * rowk[c * HW + offset[x]];
-                        }
-                        for (int64_t x = 0; x < BLOCK && b0 + x < kw; x++) NAME(store)(o + (b0 + x) * W, acc[x], ch->len);
-                    }
-                }
+                NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], logit);
+                T *o = out + (n * H + i) * KK * W + ch->j0;
+                for (int64_t ab = 0; ab < KK; ab++) NAME(store)(o + ab * W, logit[ab], ch->len);
             }
+            free(logit);
             free(q);
         }
     }

@@ -1,7 +1,16 @@
 """dinat: Dilated Neighborhood Attention Transformers on current PyTorch."""
 
-from . import ops
+from . import checkpoints, models, ops
+from .factory import create_model, list_models
 from .layers import NeighborhoodAttention2D
 
 __version__ = "0.1.0"
-__all__ = ["NeighborhoodAttention2D", "ops", "__version__"]
+__all__ = [
+    "NeighborhoodAttention2D",
+    "checkpoints",
+    "create_model",
+    "list_models",
+    "models",
+    "ops",
+    "__version__",
+]

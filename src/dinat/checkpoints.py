@@ -1,0 +1,245 @@
+"""Reading, checking, converting and writing checkpoints.
+
+* :func:`load_state_dict` reads ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors``
+  and unwraps it (:func:`unwrap_state_dict`): a bare state_dict, a timm/EMA-style wrapper
+  (``state_dict_ema`` / ``model_ema`` preferred when ``use_ema``, then ``state_dict``, ``model``),
+  DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes.
+* :func:`load_checkpoint` loads one into a model strictly; a mismatch raises
+  :class:`CheckpointMismatchError` listing missing, unexpected and wrong-shaped keys.
+* :func:`checkpoint_filter_fn` is the timm ``pretrained_filter_fn`` of every model here, so
+  ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` goes through
+  the same unwrapping and checking.
+* :func:`resize_rpb` resizes every relative positional bias table to another kernel size
+  (bicubic, as Swin does): how ``dinat_large_in22k_224_11x11interp.pth`` was made from the 7x7 one.
+* :func:`save_checkpoint` writes atomically (temporary file in the same folder, then os.replace).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import as_pair
+
+WRAPPER_KEYS = ("state_dict", "model")
+EMA_KEYS = ("state_dict_ema", "model_ema")
+PREFIXES = ("module.", "_orig_mod.")
+INDEX_SUFFIX = "relative_position_index"
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state_dict does not fit a model; ``missing``, ``unexpected`` and ``mismatched``
+    ((key, checkpoint shape, model shape) triples) say how."""
+
+    def __init__(
+        self,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+        context: str = "",
+    ) -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"checkpoint does not match the model{' (' + context + ')' if context else ''}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mismatched:
+            lines.append(f"  wrong-shaped keys ({len(mismatched)}):")
+            lines += [f"    {k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in mismatched]
+        super().__init__("\n".join(lines))
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, Tensor]:
+    """The model state_dict inside ``obj`` (see the module doc), prefixes stripped."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"a checkpoint must be a dict, got {type(obj).__name__}")
+    if not _is_state_dict(obj):
+        keys = (EMA_KEYS if use_ema else ()) + WRAPPER_KEYS
+        found = next((k for k in keys if isinstance(obj.get(k), Mapping)), None)
+        if found is None:
+            raise ValueError(
+                "checkpoint is neither a state_dict nor a wrapper with one of "
+                f"{', '.join(EMA_KEYS + WRAPPER_KEYS)}; its top-level keys: {', '.join(map(str, obj))}"
+            )
+        obj = obj[found]
+    state_dict = dict(obj)
+    for prefix in PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_state_dict(path: str | os.PathLike, use_ema: bool = True) -> dict[str, Tensor]:
+    """Read a ``.pth`` (weights only) or ``.safetensors`` checkpoint and unwrap it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return unwrap_state_dict(load_file(str(path), device="cpu"), use_ema)
+    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), use_ema)
+
+
+def check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], ignore: Iterable[str] = (), context: str = ""
+) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state_dict`` has exactly the model's keys
+    with the model's shapes (keys in ``ignore`` are not compared)."""
+    ignore = set(ignore)
+    own = {k: v for k, v in model.state_dict().items() if k not in ignore}
+    theirs = {k: v for k, v in state_dict.items() if k not in ignore}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in theirs.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched, context)
+
+
+def _with_own_index(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Computed ``relative_position_index`` buffers are the model's own, whatever the file says."""
+    own = model.state_dict()
+    for key in state_dict:
+        if key.endswith(INDEX_SUFFIX) and key in own and own[key].shape == state_dict[key].shape:
+            state_dict[key] = own[key]
+    return state_dict
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    strict: bool = True,
+    use_ema: bool = True,
+) -> dict[str, list]:
+    """Load a checkpoint file (or an in-memory checkpoint) into ``model``.
+
+    strict: every key present with the right shape, else :class:`CheckpointMismatchError`.
+    Non-strict: loads what fits and returns ``dict(missing=..., unexpected=..., mismatched=...)``.
+    """
+    if isinstance(checkpoint, Mapping):
+        state_dict, context = unwrap_state_dict(checkpoint, use_ema), ""
+    else:
+        state_dict, context = load_state_dict(checkpoint, use_ema), str(checkpoint)
+    state_dict = _with_own_index(model, state_dict)
+    try:
+        check_state_dict(model, state_dict, context=context)
+        report: dict[str, list] = dict(missing=[], unexpected=[], mismatched=[])
+    except CheckpointMismatchError as err:
+        if strict:
+            raise
+        report = dict(missing=err.missing, unexpected=err.unexpected, mismatched=err.mismatched)
+        bad = {k for k, _, _ in err.mismatched} | set(err.unexpected)
+        state_dict = {k: v for k, v in state_dict.items() if k not in bad}
+    model.load_state_dict(state_dict, strict=strict)
+    return report
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    """timm ``pretrained_filter_fn``: unwrap, keep computed index buffers, and check the keys and
+    shapes strictly. The classifier is exempt when the model's class count differs from the
+    pretrained cfg's (timm then drops it), and the first conv when ``in_chans`` differs (timm
+    adapts it)."""
+    state_dict = _with_own_index(model, unwrap_state_dict(state_dict))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    ignore = []
+    if cfg.get("classifier") and getattr(model, "num_classes", None) != cfg.get("num_classes"):
+        ignore += [f"{cfg['classifier']}.weight", f"{cfg['classifier']}.bias"]
+    first_conv = cfg.get("first_conv")
+    if first_conv:
+        own = model.state_dict().get(f"{first_conv}.weight")
+        theirs = state_dict.get(f"{first_conv}.weight")
+        if own is not None and theirs is not None and own.shape[1] != theirs.shape[1]:
+            ignore.append(f"{first_conv}.weight")
+    check_state_dict(model, state_dict, ignore, context=f"pretrained weights of {cfg.get('architecture')}")
+    return state_dict
+
+
+def resize_rpb(state_dict: Mapping[str, Tensor], kernel_size: int | tuple[int, int]) -> dict[str, Tensor]:
+    """A copy of ``state_dict`` with every ``*rpb`` table (heads, 2k-1, 2k-1) resized to
+    ``kernel_size`` (int or (h, w)): bicubic, align_corners=False, on (1, heads, h, w), as Swin
+    resizes its bias tables."""
+    kh, kw = as_pair(kernel_size, "kernel_size")
+    if kh < 3 or kw < 3 or kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size!r}")
+    size = (2 * kh - 1, 2 * kw - 1)
+    out = dict(state_dict)
+    for key, table in state_dict.items():
+        if not key.endswith("rpb"):
+            continue
+        if table.dim() != 3:
+            raise ValueError(f"{key} must be (heads, 2k-1, 2k-1), got shape {tuple(table.shape)}")
+        if tuple(table.shape[1:]) != size:
+            resized = F.interpolate(table[None].float(), size=size, mode="bicubic", align_corners=False)
+            out[key] = resized[0].to(table.dtype)
+    return out
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    ``.safetensors`` paths take a flat {name: tensor} dict; anything else goes through torch.save.
+    A reader never sees a half-written file, and a crash leaves the previous file in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import save
+
+                if not _is_state_dict(obj):
+                    raise ValueError(".safetensors files take a flat {name: tensor} dict")
+                f.write(save({k: v.contiguous() for k, v in obj.items()}))
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
+    """For weights with fallback URLs (:data:`dinat.models._common.ALT_URLS`), download the first
+    URL that exists and point ``kwargs['pretrained_cfg_overlay']`` at the cached file. Does nothing
+    when the cfg already names a file or state_dict, or has no fallbacks."""
+    from timm.models._builder import resolve_pretrained_cfg
+    from timm.models._hub import download_cached_file
+
+    from .models._common import ALT_URLS
+
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
+    url = cfg.get("url")
+    if cfg.get("file") or cfg.get("state_dict") or url not in ALT_URLS:
+        return
+    errors = []
+    for candidate in (url, *ALT_URLS[url]):
+        try:
+            path = download_cached_file(candidate, check_hash=False, progress=True)
+        except OSError as err:  # urllib's HTTPError / URLError are OSErrors
+            errors.append(f"{candidate}: {err}")
+            continue
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, file=path)
+        return
+    raise RuntimeError(f"could not download the weights of {variant}:\n  " + "\n  ".join(errors))

@@ -1,0 +1,39 @@
+"""``create_model``: build any model of this package by name, optionally with weights."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import timm
+from torch import nn
+
+from . import models
+from .checkpoints import load_checkpoint
+
+
+def create_model(
+    name: str, pretrained: bool = False, checkpoint_path: str | os.PathLike | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build the registered model ``name`` (``name.tag`` selects a pretrained tag, as in timm).
+
+    pretrained: download (or take from timm's cache) the official weights.
+    checkpoint_path: then load this file strictly (bare, EMA/timm-wrapped, DDP-prefixed, .pth or
+        .safetensors; see :mod:`dinat.checkpoints`).
+    kwargs: model arguments (num_classes, drop_path_rate, features_only, ...), as for timm.
+    """
+    arch = name.split(".", 1)[0]
+    if arch not in models.MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; the models are: {', '.join(models.MODEL_NAMES)}")
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path, strict=True)
+    return model
+
+
+def list_models() -> list[str]:
+    """The names ``create_model`` accepts (architectures; tags via timm.list_pretrained)."""
+    return list(models.MODEL_NAMES)
+
+
+__all__ = ["create_model", "list_models"]

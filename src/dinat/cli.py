@@ -1,0 +1,72 @@
+"""The `dinat` command: train, validate, flops, bench.
+
+dinat train [-c configs/NAME.yml] DATA_DIR [--overrides]
+dinat validate --model NAME (--pretrained | --checkpoint FILE) DATA_DIR
+dinat flops --model NAME [NAME ...] [--img-size 224]
+dinat bench [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = __doc__
+
+
+def _flops(argv) -> None:
+    from . import flops
+
+    if hasattr(flops, "main"):
+        flops.main(argv)
+        return
+    parser = argparse.ArgumentParser(
+        prog="dinat flops", description="parameters and FLOPs (fvcore, 1 MAC = 1 FLOP)"
+    )
+    parser.add_argument("--model", nargs="+", required=True)
+    parser.add_argument("--img-size", type=int, default=224)
+    args = parser.parse_args(argv)
+    print(f"{'model':<28} {'params (M)':>11} {'GFLOPs':>9}")
+    for name, params, gflops in flops.main_table(args.model, (3, args.img_size, args.img_size)):
+        print(f"{name:<28} {params:>11.2f} {gflops:>9.2f}")
+
+
+def _bench(argv) -> None:
+    from . import bench
+
+    bench.main(argv)
+
+
+def _train(argv) -> None:
+    from .train import main
+
+    main(argv)
+
+
+def _validate(argv) -> None:
+    from .validate import main
+
+    main(argv)
+
+
+COMMANDS = {"train": _train, "validate": _validate, "flops": _flops, "bench": _bench}
+
+
+def main(argv=None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

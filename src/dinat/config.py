@@ -1,0 +1,197 @@
+"""Training configuration: the original recipe's defaults, YAML files and command-line overrides.
+
+`Config` holds every setting of `dinat train`. Its defaults are the recipe of the original
+release (SPEC section 4); a YAML file from `configs/` overrides some of them (with the original's
+key names), and `--flags` on the command line override both. An unknown key or model name is an
+error that names the close matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Config:
+    # model
+    model: str = "dinat_mini"
+    pretrained: bool = False
+    initial_checkpoint: str = ""
+    num_classes: int | None = None  # None: the number of classes of the dataset
+    drop_path: float | None = None  # None: the model's own rate
+    # data
+    data_dir: str = ""
+    dataset: str = ""  # "" (image folders), "digits", or a timm dataset name, e.g. "torch/cifar10"
+    train_split: str = "train"
+    val_split: str = ""  # "": val/ or validation/
+    skip_bad_images: bool = False
+    img_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    workers: int = 4
+    # optimisation
+    epochs: int = 300
+    batch_size: int = 128  # per process
+    lr: float = 1e-3  # used as given (it was tuned for a total batch of 1024)
+    lr_base: float | None = None  # if set: lr = lr_base * total batch / lr_base_size
+    lr_base_size: int = 1024
+    opt: str = "adamw"
+    opt_eps: float = 1e-8
+    opt_betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.05
+    clip_grad: float | None = 5.0
+    sched: str = "cosine"  # cosine | linear | constant
+    sched_epochwise: bool = False  # False: the lr changes every iteration, as in the original
+    warmup_lr: float = 1e-6
+    min_lr: float = 5e-6
+    warmup_epochs: int = 20
+    cooldown_epochs: int = 10
+    # regularisation and augmentation
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    aa: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    color_jitter: float = 0.4
+    train_interpolation: str = "random"
+    scale: tuple[float, ...] = (0.08, 1.0)
+    ratio: tuple[float, ...] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: float = 0.5
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    # run
+    seed: int = 42
+    amp: bool = True
+    amp_dtype: str = "auto"  # auto: bfloat16 on CPU, float16 (with a grad scaler) on CUDA
+    device: str = "auto"
+    compile: bool = False
+    channels_last: bool = False
+    deterministic: bool = False
+    output: str = "output/train"
+    resume: str = ""
+    checkpoint_interval: int = 0  # also save last.pth every N steps (0: only at epoch ends)
+    checkpoint_hist: int = 3  # best checkpoints kept
+    eval_metric: str = "top1"
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: train all epochs)
+    log_interval: int = 10
+
+    def schedule_epochs(self) -> int:
+        """Epochs the run lasts: the schedule plus the cooldown at min_lr (as in the original)."""
+        return self.epochs + self.cooldown_epochs
+
+
+CONFIG_KEYS = [f.name for f in fields(Config)]
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what to change."""
+
+
+def _suggest(word: str, choices, what: str) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {what} {word!r}{hint}"
+
+
+def check_model_name(name: str) -> None:
+    """Raise ConfigError, naming close matches, when timm has no model called `name`."""
+    import timm
+
+    import dinat  # noqa: F401  (registers the DiNAT family in timm)
+
+    if not timm.is_model(name):
+        raise ConfigError(_suggest(name, timm.list_models(), "model"))
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = Config.__dataclass_fields__[name].default
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        return float(value)  # YAML reads 1e-3 as a string
+    if name in ("lr_base", "drop_path", "clip_grad") and isinstance(value, str):
+        return float(value)
+    return value
+
+
+def validate(cfg: Config, check_model: bool = True) -> Config:
+    if cfg.sched not in SCHEDULERS:
+        raise ConfigError(_suggest(cfg.sched, SCHEDULERS, "scheduler"))
+    if check_model:
+        check_model_name(cfg.model)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; every key must be a Config field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value")
+    for key in data:
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{path}: " + _suggest(key, CONFIG_KEYS, "config key"))
+    return {k: _coerce(k, v) for k, v in data.items()}
+
+
+def make_config(
+    overrides: dict[str, Any] | None = None, config_file: str | Path | None = None, check_model: bool = True
+) -> Config:
+    """Defaults, then the YAML file, then `overrides` (keys as in Config)."""
+    values = load_yaml(config_file) if config_file else {}
+    for key, value in (overrides or {}).items():
+        if key not in CONFIG_KEYS:
+            raise ConfigError(_suggest(key, CONFIG_KEYS, "config key"))
+        values[key] = _coerce(key, value)
+    return validate(Config(**values), check_model=check_model)
+
+
+def _arg_type(default: Any, annotation: str):
+    if "float" in annotation:
+        return float
+    if "int" in annotation:
+        return int
+    return type(default) if default is not None else str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per Config field; unset flags stay None so they do not override the file."""
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=float, nargs="+", **kwargs)
+        else:
+            parser.add_argument(flag, type=_arg_type(default, str(f.type)), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {k: v for k, v in vars(args).items() if k in CONFIG_KEYS and v is not None}
+    return make_config(overrides, getattr(args, "config", None))
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

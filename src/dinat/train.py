@@ -1,0 +1,460 @@
+"""`dinat train`: the original DiNAT / NAT ImageNet recipe, on one process or many (torchrun).
+
+    dinat train -c configs/dinat_mini.yml /data/imagenet
+    torchrun --nproc_per_node 8 -m dinat.cli train -c configs/dinat_mini.yml /data/imagenet
+    dinat train --dataset digits -c configs/demo_digits.yml --output output/demo
+
+The file reads top to bottom: setup, data, model, optimizer and schedule, resume, the loop,
+the end. Everything comes from timm (transforms, mixup/cutmix, losses, optimizer, schedulers,
+EMA) and torch (AMP, DDP). The learning rate is used as given (the original's 1e-3 is for a total
+batch of 1024); `--lr-base` scales it by the total batch instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, unwrap_model
+from tqdm import tqdm
+
+from .config import Config, add_config_arguments, as_dict, config_from_args
+from .data import ResumableSampler, build_datasets, eval_loader, train_loader
+from .validate import autocast_and_scaler, create_model, evaluate, load_weights, pick_device
+
+try:  # atomic save (temp file + os.replace) from the checkpoints module, when present
+    from .checkpoints import save_checkpoint as save_atomic
+except ImportError:  # pragma: no cover - fallback for trees without it
+
+    def save_atomic(obj, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers: processes, random states, checkpoints, history
+# ------------------------------------------------------------------------------------------------
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun joins the group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def rng_state() -> dict:
+    """This process's random states, as tensors and plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_rng_states(world: int) -> list[dict]:
+    """The random states of every rank (rank 0 writes them all into the checkpoint)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def write_history(history: list[dict], out: Path) -> None:
+    """metrics.csv and metrics.png (loss and accuracy per epoch), both replaced atomically."""
+    if not history:
+        return
+    tmp = out / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[-1]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out / "metrics.csv")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.plot(epochs, [h["val_top1"] for h in history], label="top-1")
+    ax_acc.plot(epochs, [h["val_top5"] for h in history], label="top-5")
+    ax_acc.set(xlabel="epoch", ylabel="val accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / ".metrics.tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(out / ".metrics.tmp.png", out / "metrics.png")
+
+
+def keep_best(out: Path, best: list[tuple[float, int]], metric: float, epoch: int, hist: int) -> list:
+    """Link last.pth as checkpoint-EPOCH.pth if among the `hist` best; model_best.pth = the best."""
+    best = sorted([*best, (metric, epoch)], key=lambda t: (-t[0], t[1]))
+    for _, old in best[hist:]:
+        (out / f"checkpoint-{old}.pth").unlink(missing_ok=True)
+    best = best[:hist]
+    if (metric, epoch) in best:
+        for name in (f"checkpoint-{epoch}.pth", "model_best.pth" if best[0][1] == epoch else None):
+            if name:
+                tmp = out / f".{name}.tmp"
+                tmp.unlink(missing_ok=True)
+                os.link(out / "last.pth", tmp)
+                os.replace(tmp, out / name)
+    return best
+
+
+def max_rank_divergence(model: torch.nn.Module) -> float:
+    """Largest difference between this rank's weights and rank 0's (0.0 when in sync)."""
+    flat = torch.nn.utils.parameters_to_vector([p.detach().float() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+def effective_lr(cfg: Config, world: int) -> float:
+    """The lr as given (the original's way), or --lr-base scaled by the total batch."""
+    return cfg.lr if cfg.lr_base is None else cfg.lr_base * cfg.batch_size * world / cfg.lr_base_size
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="dinat train", description=__doc__.split("\n\n")[0])
+    p.add_argument("data_dir_pos", nargs="?", metavar="DATA_DIR", help="folder with train/ and val/")
+    p.add_argument("-c", "--config", help="a YAML file of configs/ (values as in the original release)")
+    add_config_arguments(p)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict:
+    # -- setup: processes, device, seeds ---------------------------------------------------------
+    rank, world, device = init_distributed(cfg.device)
+    main_process = rank == 0
+    out = Path(cfg.output)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    log = tqdm.write if main_process else (lambda *a, **k: None)
+
+    # -- data ------------------------------------------------------------------------------------
+    train_set, val_set, data_classes = build_datasets(cfg)
+    num_classes = cfg.num_classes or data_classes
+    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
+    steps_per_epoch = sampler.num_samples // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_set)} training images are fewer than one batch "
+            f"({cfg.batch_size} x {world} processes); lower --batch-size"
+        )
+    pin = device.type == "cuda"
+    val_loader = eval_loader(val_set, cfg, rank, world, pin)
+
+    # -- model -----------------------------------------------------------------------------------
+    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained, drop_path=cfg.drop_path)
+    if cfg.initial_checkpoint:
+        new_head = load_weights(model, cfg.initial_checkpoint)
+        log(f"loaded {cfg.initial_checkpoint}" + (f"; new head {new_head}" if new_head else ""))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
+    bare = unwrap_model(model)
+    log(
+        f"{cfg.model}: {sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M params, {num_classes} classes, "
+        f"{len(train_set)} train / {len(val_set)} val images, {world} process(es) on {device}"
+    )
+
+    # -- loss, optimizer (no weight decay on rpb, norms, biases), per-iteration schedule, AMP ------
+    mixup = None
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
+        criterion = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    lr = effective_lr(cfg, world)
+    no_decay = {"*rpb", *getattr(bare, "no_weight_decay", set)()}
+    groups = param_groups_weight_decay(bare, cfg.weight_decay, no_weight_decay_list=no_decay)
+    optimizer = create_optimizer_v2(
+        groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)
+    )
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer,
+        sched={"linear": "poly"}.get(cfg.sched, cfg.sched),
+        decay_rate=1.0,  # poly power 1
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        cooldown_epochs=cfg.cooldown_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=cfg.sched_epochwise,
+        updates_per_epoch=steps_per_epoch,
+    )
+    autocast, scaler = autocast_and_scaler(cfg.amp, cfg.amp_dtype, device)
+
+    # -- resume: weights, optimizer, schedule, scaler, EMA, position, history, random states ------
+    start_epoch, start_batch, step, history, best, partial = 0, 0, 0, [], [], (0.0, 0)
+    rng_to_restore = None
+    if cfg.resume:
+        ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+        bare.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+        start_epoch, start_batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        history, best, partial = ckpt["history"], [tuple(b) for b in ckpt["best"]], tuple(ckpt["partial"])
+        if ckpt["world"] == world:
+            rng_to_restore = ckpt["rng"][rank]
+        else:
+            log(f"resuming with {world} processes instead of {ckpt['world']}: random states reseeded")
+        log(f"resumed {cfg.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
+    if cfg.sched_epochwise:
+        scheduler.step(start_epoch)
+    else:
+        scheduler.step_update(step)
+    if rng_to_restore is not None:
+        set_rng_state(rng_to_restore)
+    else:
+        random.seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+        torch.manual_seed(cfg.seed + rank)
+    last_saved = cfg.resume or None
+
+    def save(epoch: int, batch: int, partial_sums: tuple[float, int]) -> None:
+        """last.pth (all ranks take part: their random states are gathered)."""
+        nonlocal last_saved
+        states = all_rng_states(world)
+        if main_process:
+            save_atomic(
+                {
+                    "model": bare.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "ema": ema.module.state_dict() if ema else None,
+                    "epoch": epoch,
+                    "batch": batch,
+                    "step": step,
+                    "history": history,
+                    "best": best,
+                    "partial": partial_sums,
+                    "rng": states,
+                    "world": world,
+                    "config": as_dict(cfg),
+                },
+                out / "last.pth",
+            )
+        last_saved = str(out / "last.pth")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    total_batch = cfg.batch_size * world
+    finished, mid_epoch, row = False, False, history[-1] if history else None
+    for epoch in range(start_epoch, num_epochs):
+        sampler.start = start_batch * cfg.batch_size
+        loader = train_loader(train_set, sampler, cfg, epoch, pin)
+        loss_sum, seen = partial if start_batch else (0.0, 0)
+        model.train()
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=start_batch,
+            desc=f"epoch {epoch + 1}/{num_epochs}",
+            disable=not main_process,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        tick = time.perf_counter()
+        for batch_idx, (x, y) in enumerate(loader, start=start_batch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            with autocast():
+                loss = criterion(model(x), y)
+
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                bar.close()
+                kept = (
+                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+                )
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping ({kept})"
+                )
+
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            if ema is not None:
+                ema.update(bare, step=step)
+            if not cfg.sched_epochwise:
+                scheduler.step_update(step)
+
+            loss_value = loss.item()
+            loss_sum, seen = loss_sum + loss_value * len(x), seen + len(x)
+            speed = total_batch * (batch_idx + 1 - start_batch) / max(time.perf_counter() - tick, 1e-9)
+            bar.set_postfix_str(
+                f"loss {loss_value:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {speed:.0f} img/s",
+                refresh=False,
+            )
+            bar.update()
+            finished = bool(cfg.max_steps) and step >= cfg.max_steps
+            mid_epoch = batch_idx + 1 < steps_per_epoch
+            if mid_epoch and (finished or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
+                save(epoch, batch_idx + 1, (loss_sum, seen))
+                log(f"saved {out / 'last.pth'} at step {step} (epoch {epoch + 1}, batch {batch_idx + 1})")
+            if finished:
+                break
+        bar.close()
+        start_batch = 0
+
+        # -- end of epoch: metrics over all ranks, eval, checkpoints, history ---------------------
+        sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(sums)
+        metrics = evaluate(bare, val_loader, device, autocast, world > 1, cfg.channels_last)
+        if ema is not None:
+            metrics = evaluate(ema.module, val_loader, device, autocast, world > 1, cfg.channels_last)
+        row = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": (sums[0] / sums[1].clamp(min=1)).item(),
+            "val_loss": metrics["loss"],
+            "val_top1": metrics["top1"],
+            "val_top5": metrics["top5"],
+        }
+        if finished and mid_epoch:
+            break  # stopped by --max-steps in the middle of an epoch: last.pth is already saved
+        history.append(row)
+        if cfg.sched_epochwise:
+            scheduler.step(epoch + 1)
+        save(epoch + 1, 0, (0.0, 0))
+        if main_process:
+            best = keep_best(out, best, row[f"val_{cfg.eval_metric}"], epoch + 1, cfg.checkpoint_hist)
+            write_history(history, out)
+        log(
+            f"epoch {epoch + 1}/{num_epochs}  train loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  "
+            f"top-1 {row['val_top1']:.2f}%  top-5 {row['val_top5']:.2f}%  lr {row['lr']:.2e}"
+        )
+        if finished:
+            break
+
+    # -- the end ---------------------------------------------------------------------------------
+    if row is None:
+        raise ValueError(f"nothing to train: {cfg.resume} is at the end of its {num_epochs} epochs")
+    summary = {
+        **row,
+        "best_top1": max([h["val_top1"] for h in history], default=row["val_top1"]),
+        "world_size": world,
+        "output": str(out),
+    }
+    if world > 1:
+        summary["rank_weight_max_diff"] = max_rank_divergence(bare)
+        dist.destroy_process_group()
+    if main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(
+            f"done: val top-1 {row['val_top1']:.2f}% (best {summary['best_top1']:.2f}%), "
+            f"top-5 {row['val_top5']:.2f}%, outputs in {out}",
+            flush=True,
+        )
+    return summary
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.data_dir_pos:
+        args.data_dir = args.data_dir_pos
+    cfg = config_from_args(args)
+    try:
+        return train(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(1) from None

@@ -1,0 +1,206 @@
+"""`dinat validate`: top-1, top-5, loss and images/s of a model on a validation set.
+
+    dinat validate --model dinat_mini --pretrained /data/imagenet
+    dinat validate --model dinat_nano --checkpoint output/demo/model_best.pth --dataset digits
+
+Also home of the pieces `dinat train` shares: model creation, weight loading, AMP and evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import ConfigError, check_model_name, make_config
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
+    """(context factory, GradScaler or None): bf16 on CPU; fp16 with a scaler on CUDA unless bf16 asked."""
+    if not enabled:
+        return contextlib.nullcontext, None
+    if amp_dtype not in ("auto", "float16", "bfloat16"):
+        raise ConfigError(f"amp_dtype must be auto, float16 or bfloat16, not {amp_dtype!r}")
+    fp16 = device.type == "cuda" and amp_dtype in ("auto", "float16")
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+
+
+def create_model(
+    name: str, num_classes: int | None, pretrained: bool = False, drop_path: float | None = None
+):
+    import dinat  # noqa: F401  (registers the models)
+
+    check_model_name(name)
+    kwargs = {"pretrained": pretrained}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
+    return timm.create_model(name, **kwargs)
+
+
+def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Weights from a bare state_dict file or from a `dinat train` checkpoint (`model` / `ema`)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        if use_ema and obj.get("ema") is None:
+            raise ValueError(f"{path} has no EMA weights")
+        return obj["ema"] if use_ema else obj["model"]
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return obj["state_dict"]
+    return obj
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False) -> list[str]:
+    """Load `path` into `model`; a classifier of another shape is left new (fine-tuning). Returns it."""
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(path, use_ema).items()}
+    own = model.state_dict()
+    new_head = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for k in new_head:
+        state.pop(k)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    bad_missing = [k for k in missing if not k.startswith(heads)]
+    bad_shape = [k for k in new_head if not k.startswith(heads)]
+    if bad_missing or unexpected or bad_shape:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: missing {bad_missing[:5]}, "
+            f"unexpected {list(unexpected)[:5]}, other shapes {bad_shape[:5]}"
+        )
+    return new_head
+
+
+@torch.no_grad()
+def evaluate(
+    model, loader, device, autocast=contextlib.nullcontext, distributed=False, channels_last=False
+) -> dict[str, float]:
+    """Loss, top-1, top-5 (in %) and images/s over the loader; sums are reduced over ranks."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum"),
+                top[:, :1].sum(),
+                top.sum(),
+                torch.tensor(len(y), device=device),
+            ]
+        ).double()
+    if distributed:
+        dist.all_reduce(totals)
+    seconds = time.perf_counter() - start
+    loss, top1, top5, n = totals.tolist()
+    n = max(n, 1)
+    return {
+        "loss": loss / n,
+        "top1": 100 * top1 / n,
+        "top5": 100 * top5 / n,
+        "images": int(n),
+        "img_per_s": n / max(seconds, 1e-9),
+    }
+
+
+def format_table(rows: dict[str, object]) -> str:
+    width = max(len(k) for k in rows)
+    return "\n".join(
+        f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows.items()
+    )
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="dinat validate", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "data_dir", nargs="?", default="", help="folder with val/ or validation/ (or class folders)"
+    )
+    p.add_argument("--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pretrained", action="store_true", help="the released weights of --model")
+    src.add_argument("--checkpoint", help="a state_dict or a `dinat train` checkpoint")
+    p.add_argument("--use-ema", action="store_true", help="the EMA weights of a training checkpoint")
+    p.add_argument("--dataset", default="", help="'' (folders), digits, or a timm dataset name")
+    p.add_argument("--split", default="", help="validation split name (default: val or validation)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--interpolation", default="bicubic")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--amp-dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--results-file", help="write the results as JSON here")
+    return p
+
+
+def main(argv=None) -> dict:
+    from .data import build_eval_dataset, eval_loader
+
+    args = build_parser().parse_args(argv)
+    cfg = make_config(
+        dict(
+            model=args.model,
+            data_dir=args.data_dir,
+            dataset=args.dataset,
+            val_split=args.split,
+            img_size=args.img_size,
+            crop_pct=args.crop_pct,
+            interpolation=args.interpolation,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+    )
+    dataset, data_classes = build_eval_dataset(cfg)
+    device = pick_device(args.device)
+    model = create_model(
+        args.model,
+        args.num_classes or (None if args.pretrained else data_classes),
+        pretrained=args.pretrained,
+    )
+    if args.checkpoint:
+        load_weights(model, args.checkpoint, use_ema=args.use_ema)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    autocast, _ = autocast_and_scaler(args.amp, args.amp_dtype, device)
+    results = evaluate(
+        model,
+        eval_loader(dataset, cfg, pin_memory=device.type == "cuda"),
+        device,
+        autocast,
+        channels_last=args.channels_last,
+    )
+    results = {"model": args.model, "weights": args.checkpoint or "pretrained", **results}
+    print(format_table(results))
+    if args.results_file:
+        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results_file).write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,163 @@
+"""A few steps of the real training loop on PNG images the test writes; fine-tuning; validate."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from _train_utils import MODEL, TINY, write_pngs
+from dinat import train, validate
+from dinat.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = write_pngs(tmp_path_factory.mktemp("data"), per_class=8)
+    out = tmp_path_factory.mktemp("run")
+    summary = train.main([str(root), *TINY, "--epochs", "4", "--output", str(out), "--checkpoint-hist", "2"])
+    return root, out, summary
+
+
+def test_loss_decreases_and_files_appear(trained):
+    _, out, summary = trained
+    for name in ("last.pth", "model_best.pth", "metrics.csv", "metrics.png", "config.yaml", "summary.json"):
+        assert (out / name).is_file(), name
+    assert len(list(out.glob("checkpoint-*.pth"))) == 2
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0], losses
+    assert json.loads((out / "summary.json").read_text())["val_top1"] == summary["val_top1"]
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_validate_checkpoint_writes_table_and_json(trained, capsys):
+    root, out, summary = trained
+    results_file = out / "val.json"
+    code = cli_main(
+        [
+            "validate",
+            "--model",
+            MODEL,
+            "--checkpoint",
+            str(out / "last.pth"),
+            str(root),
+            "--img-size",
+            "32",
+            "--crop-pct",
+            "1.0",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--results-file",
+            str(results_file),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "top1" in printed and "img_per_s" in printed
+    results = json.loads(results_file.read_text())
+    assert results["images"] == 16
+    assert results["top1"] == pytest.approx(summary["val_top1"])
+    assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_fine_tune_with_a_new_head(trained, tmp_path):
+    root, out, _ = trained
+    data3 = write_pngs(tmp_path / "three", classes=3, per_class=4)
+    summary = train.main(
+        [
+            str(data3),
+            *TINY,
+            "--epochs",
+            "1",
+            "--output",
+            str(tmp_path / "ft"),
+            "--initial-checkpoint",
+            str(out / "last.pth"),
+        ]
+    )
+    assert summary["epoch"] == 1
+    model = validate.create_model(MODEL, 3)
+    new = validate.load_weights(model, out / "last.pth")
+    assert new and all(k.startswith("head") for k in new)
+    old = torch.load(out / "last.pth", weights_only=True)["model"]
+    same = [k for k in old if k not in new]
+    assert all(torch.equal(model.state_dict()[k], old[k]) for k in same)
+
+
+def test_schedulers_per_iteration():
+    """cosine: warmup from warmup_lr, then down to min_lr, then cooldown; linear; constant."""
+    from timm.scheduler import create_scheduler_v2
+
+    def lrs(sched, warmup):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        s, n = create_scheduler_v2(
+            opt,
+            sched=sched,
+            decay_rate=1.0,
+            num_epochs=10,
+            warmup_epochs=warmup,
+            cooldown_epochs=2,
+            warmup_lr=1e-6,
+            min_lr=5e-6,
+            step_on_epochs=False,
+            updates_per_epoch=4,
+        )
+        out = []
+        for step in range(n * 4):
+            s.step_update(step)
+            out.append(opt.param_groups[0]["lr"])
+        return n, out
+
+    n, cos = lrs("cosine", 2)
+    assert n == 12 and cos[0] == pytest.approx(1e-6) and 0.85e-3 < max(cos) <= 1e-3
+    assert len(set(cos[:8])) == 8  # changes every iteration, not every epoch
+    assert cos[-8:] == [pytest.approx(5e-6)] * 8
+    _, lin = lrs("poly", 0)  # `linear` maps to poly with power 1
+    assert lin[0] == pytest.approx(1e-3) and lin[20] == pytest.approx(5e-6 + (1e-3 - 5e-6) / 2)
+    _, const = lrs("constant", 0)
+    assert set(const) == {1e-3}
+
+
+def test_lr_is_as_given_unless_lr_base():
+    from dinat.config import make_config
+
+    assert train.effective_lr(make_config({"lr": 1e-3, "batch_size": 128}, check_model=False), 8) == 1e-3
+    scaled = make_config({"lr_base": 1e-3, "lr_base_size": 1024, "batch_size": 64}, check_model=False)
+    assert train.effective_lr(scaled, 4) == pytest.approx(1e-3 * 256 / 1024)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    root = write_pngs(tmp_path / "data", per_class=8)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as stop:
+        train.main(
+            [
+                str(root),
+                *TINY,
+                "--epochs",
+                "3",
+                "--lr",
+                "1e30",
+                "--weight-decay",
+                "0",
+                "--clip-grad",
+                "0",
+                "--checkpoint-interval",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss is" in err and "last good checkpoint" in err and str(out / "last.pth") in err
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["step"] >= 1
+    assert not list(out.glob(".*tmp*"))

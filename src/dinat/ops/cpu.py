@@ -22,6 +22,7 @@ from .reference import axis_neighborhood, relative_position_bias
 
 Pair = tuple[int, int]
 _NATIVE = {torch.float32: "f32", torch.float64: "f64"}
+_SLACK = 16  # elements every kernel operand is followed by: the kernels read whole vectors
 
 
 @functools.cache
@@ -48,11 +49,18 @@ def _library() -> ctypes.CDLL | str:
         fn.argtypes = [ctypes.c_void_p] + argtypes
         fn.restype = None
     lib.na_read_slack.restype = ctypes.c_int64
+    if lib.na_read_slack() > _SLACK:
+        return f"the C kernels read {lib.na_read_slack()} elements past their operands, more than {_SLACK}"
     return lib
 
 
+@torch.compiler.assume_constant_result
+def _loaded() -> bool:
+    return not isinstance(_library(), str)
+
+
 def available(x: Tensor | None = None) -> bool:
-    return not isinstance(_library(), str) and (x is None or x.device.type == "cpu")
+    return _loaded() and (x is None or x.device.type == "cpu")
 
 
 def unavailable_reason(x: Tensor | None = None) -> str:
@@ -76,22 +84,20 @@ def _launch(name: str, operands: tuple, out: Tensor, features: Tensor, kernel, d
     _, channels, height, width = features.shape
     rowstart, colstart, _, _ = _geometry(height, width, tuple(kernel), tuple(dilation))
     fn = getattr(_library(), f"{name}_{_NATIVE[out.dtype]}")
+    # Below ~100k multiply-adds a thread team costs more than it saves.
+    threads = torch.get_num_threads() if out.numel() * channels >= 100_000 else 1
     fn(
         *(x.data_ptr() if isinstance(x, Tensor) else x for x in operands), out.data_ptr(),
         out.shape[0], channels, height, width,
         kernel[0], kernel[1], dilation[0], dilation[1],
-        rowstart.data_ptr(), colstart.data_ptr(), torch.get_num_threads(),
+        rowstart.data_ptr(), colstart.data_ptr(), threads,
     )  # fmt: skip
-
-
-def _read_slack() -> int:
-    return _library().na_read_slack()
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> Tensor:
     """A contiguous tensor followed by the slack the kernels may read past its end."""
     numel = math.prod(shape)
-    buffer = (torch.zeros if zero else torch.empty)(numel + _read_slack(), dtype=dtype)
+    buffer = (torch.zeros if zero else torch.empty)(numel + _SLACK, dtype=dtype)
     return buffer[:numel].view(shape)
 
 
@@ -99,7 +105,7 @@ def _operand(x: Tensor) -> Tensor:
     """x as a contiguous kernel operand with readable slack after it (copied only if needed)."""
     if x.is_contiguous():
         readable = x.untyped_storage().nbytes() // x.element_size() - x.storage_offset()
-        if readable - x.numel() >= _read_slack():
+        if readable - x.numel() >= _SLACK:
             return x
     out = _empty(tuple(x.shape), x.dtype)
     out.copy_(x)
@@ -181,6 +187,21 @@ def _bias_bins(heads: int, height: int, width: int, kernel: Pair, dilation: Pair
     return bins.flatten()
 
 
+@torch.library.custom_op("dinat::na_bias_grad", mutates_args=())
+def na_bias_grad(grad_logits: Tensor, heads: int, kernel: list[int], dilation: list[int]) -> Tensor:
+    """Gradient of the rpb table (heads, 2kh-1, 2kw-1) from that of the logits (N, H, kh*kw, W)."""
+    n, height, _, width = grad_logits.shape
+    per_head = grad_logits.reshape(n // heads, -1).sum(0)
+    bins = _bias_bins(heads, height, width, tuple(kernel), tuple(dilation))
+    table = per_head.new_zeros(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1)
+    return table.view(-1).index_add_(0, bins, per_head).view(table.shape)
+
+
+@na_bias_grad.register_fake
+def _(grad_logits, heads, kernel, dilation):
+    return grad_logits.new_empty(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1)
+
+
 def _fused_setup(ctx, inputs, output) -> None:
     q, k, v, rpb, heads, scale, kernel, dilation = inputs
     ctx.save_for_backward(q, k, v, output[1])
@@ -188,22 +209,30 @@ def _fused_setup(ctx, inputs, output) -> None:
     ctx.args = (heads, scale, kernel, dilation)
 
 
+@torch.library.custom_op("dinat::na_softmax_backward", mutates_args=())
+def na_softmax_backward(grad_out: Tensor, v: Tensor, attn: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """Gradient of the logits of na2d_fused given the output's: attn * (dP - sum(attn * dP)), with
+    dP = grad_out . v over each query's neighbors, in one pass."""
+    grad_out, v, attn = _operand(grad_out), _operand(v), _operand(attn)
+    grad_logits = _empty(tuple(attn.shape), attn.dtype)
+    _launch("na_attend_backward", (grad_out, v, attn), grad_logits, grad_out, kernel, dilation)
+    return grad_logits
+
+
+@na_softmax_backward.register_fake
+def _(grad_out, v, attn, kernel, dilation):
+    return torch.empty_like(attn)
+
+
 def _fused_backward(ctx, grad_out, _grad_attn):
     q, k, v, attn = ctx.saved_tensors
     heads, scale, kernel, dilation = ctx.args
-    grad_out = _operand(grad_out)
-    grad_logits = _empty(tuple(attn.shape), attn.dtype)
-    _launch("na_attend_backward", (grad_out, _operand(v), attn), grad_logits, grad_out, kernel, dilation)
+    grad_logits = na_softmax_backward(grad_out, v, attn, kernel, dilation)
     needs = ctx.needs_input_grad
     grad_q = na_weighted_sum(grad_logits, k, kernel, dilation) * scale if needs[0] else None
     grad_k = na_scatter(grad_logits, q, kernel, dilation) * scale if needs[1] else None
     grad_v = na_scatter(attn, grad_out, kernel, dilation) if needs[2] else None
-    grad_rpb = None
-    if ctx.rpb_shape is not None and needs[3]:
-        n, height, _, width = attn.shape
-        per_head = grad_logits.view(n // heads, -1).sum(0)
-        bins = _bias_bins(heads, height, width, tuple(kernel), tuple(dilation))
-        grad_rpb = per_head.new_zeros(ctx.rpb_shape.numel()).index_add_(0, bins, per_head).view(ctx.rpb_shape)
+    grad_rpb = na_bias_grad(grad_logits, heads, kernel, dilation) if ctx.rpb_shape and needs[3] else None
     return grad_q, grad_k, grad_v, grad_rpb, None, None, None, None
 
 
@@ -294,7 +323,6 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     return out.view(batch, heads, dim, height, width).permute(0, 1, 3, 4, 2).to(v.dtype)
 
 
-@functools.lru_cache(maxsize=64)
 def _group_bias_index(kernel: Pair) -> tuple[Tensor, Tensor]:
     """rpb row and column of every (query, key) pair of a kh x kw group: (KK, KK) each."""
     rows, cols = torch.meshgrid(torch.arange(kernel[0]), torch.arange(kernel[1]), indexing="ij")
@@ -317,7 +345,8 @@ def _full_group_attention(
 
     logits = (to_groups(q) * scale) @ to_groups(k).transpose(-1, -2)
     if rpb is not None:
-        logits = logits + rpb[:, *_group_bias_index(kernel)]
+        rows, cols = _group_bias_index(kernel)
+        logits = logits + rpb[:, rows.to(rpb.device), cols.to(rpb.device)]
     out = logits.softmax(dim=-1) @ to_groups(v)
     out = out.view(batch, dh, dw, heads, kh, kw, dim).permute(0, 4, 1, 5, 2, 3, 6)
     return out.reshape(batch, height, width, heads, dim)

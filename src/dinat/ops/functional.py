@@ -20,6 +20,8 @@ from typing import Literal
 
 from torch import Tensor
 
+import torch
+
 from . import reference
 
 Pair = tuple[int, int]
@@ -116,12 +118,19 @@ def _check_extent(height: int, width: int, kernel: Pair, dil: Pair) -> None:
             )
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _check_rpb(rpb: Tensor | None, heads: int, kernel: Pair, ref: Tensor) -> None:
+    """rpb must match q, except that a float32 table may go with float16/bfloat16 q (autocast)."""
     if rpb is None:
         return
     expected = (heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1)
     _check_tensor("rpb", rpb, rank=3)
-    _check_same("rpb", rpb, "q", ref, expected)
+    mixed = rpb.dtype == torch.float32 and ref.dtype in _LOW_PRECISION
+    _check_same("rpb", rpb, "q", rpb if mixed else ref, expected)
+    if rpb.device != ref.device:
+        raise ValueError(f"rpb is on {rpb.device} but q is on {ref.device}")
 
 
 def na2d_qk(

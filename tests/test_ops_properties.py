@@ -1,0 +1,149 @@
+"""The fast CPU backend against the reference definition over random geometries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dinat.ops import cpu, na2d, na2d_av, na2d_qk, use_backend
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"cpu backend: {cpu.unavailable_reason()}")
+
+odd_kernel = st.sampled_from([3, 5, 7, 9, 11, 13])
+
+
+@st.composite
+def geometries(draw):
+    """Per-axis kernel and dilation, a map at least kernel * dilation (sometimes exactly), shapes."""
+    kernel = (draw(odd_kernel), draw(odd_kernel))
+    dilation = (draw(st.integers(1, 8)), draw(st.integers(1, 8)))
+    if draw(st.booleans()):  # the same on both axes, as the models use
+        kernel, dilation = (kernel[0],) * 2, (dilation[0],) * 2
+    size = []
+    for k, d in zip(kernel, dilation):
+        extra = draw(st.sampled_from([0, 0, 1, 2, 5, 11]))
+        size.append(min(k * d + extra, 120))
+    if any(s < k * d for s, k, d in zip(size, kernel, dilation)):
+        size = [k * d for k, d in zip(kernel, dilation)]
+    batch, heads, dim = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 17))
+    while batch * heads * dim * size[0] * size[1] * kernel[0] * kernel[1] > 1_500_000:  # keep the oracle quick
+        batch, heads, dim = 1, 1, max(1, dim // 2)
+        if dim == 1:
+            break
+    return kernel, dilation, (batch, heads, *size, dim), draw(st.booleans())
+
+
+def _inputs(shape, kernel, with_rpb, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    table = (shape[1], 2 * kernel[0] - 1, 2 * kernel[1] - 1)
+    rpb = torch.randn(table, generator=gen, dtype=torch.float64).requires_grad_() if with_rpb else None
+    return q, k, v, rpb
+
+
+def _run_both(fn, tensors):
+    """fn on each backend; returns [(outputs, grads)] for reference then cpu."""
+    results = []
+    for backend in ("reference", "cpu"):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+        with use_backend(backend):
+            out = fn(*leaves)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+        grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
+        results.append((out, grads))
+    return results
+
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(geometries(), st.integers(0, 2**16))
+def test_fused_matches_reference(geometry, seed) -> None:
+    kernel, dilation, shape, with_rpb = geometry
+    q, k, v, rpb = (t if t is None else t.detach() for t in _inputs(shape, kernel, with_rpb, seed))
+    tokens_first = [t.permute(0, 2, 3, 1, 4) for t in (q, k, v)]
+    scale = shape[-1] ** -0.5
+    (ref, ref_grads), (fast, fast_grads) = _run_both(
+        lambda q, k, v, rpb: na2d(q, k, v, kernel, dilation, rpb, scale), [*tokens_first, rpb]
+    )
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9)
+    for got, want in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@SETTINGS
+@given(geometries(), st.integers(0, 2**16))
+def test_unfused_match_reference(geometry, seed) -> None:
+    kernel, dilation, shape, with_rpb = geometry
+    q, k, v, rpb = (t if t is None else t.detach() for t in _inputs(shape, kernel, with_rpb, seed))
+
+    def attention(q, k, v, rpb):
+        attn = na2d_qk(q, k, kernel, dilation, rpb).softmax(-1)
+        return na2d_av(attn, v, kernel, dilation)
+
+    (ref, ref_grads), (fast, fast_grads) = _run_both(attention, [q, k, v, rpb])
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9)
+    for got, want in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kernel, dilation, size, with_rpb",
+    [(3, 1, (5, 6), True), ((3, 5), (2, 1), (7, 6), True), (3, 2, (6, 6), False), (5, 1, (5, 7), True)],
+)
+def test_gradcheck(kernel, dilation, size, with_rpb) -> None:
+    """Analytic gradients of all three entry points equal finite differences (float64)."""
+    kernel_pair = (kernel, kernel) if isinstance(kernel, int) else kernel
+    q, k, v, rpb = _inputs((1, 2, *size, 3), kernel_pair, with_rpb, 0)
+    tokens = [t.detach().permute(0, 2, 3, 1, 4).contiguous().requires_grad_() for t in (q, k, v)]
+    kk = kernel_pair[0] * kernel_pair[1]
+    attn = torch.randn(1, 2, *size, kk, dtype=torch.float64).softmax(-1).requires_grad_()
+    with use_backend("cpu"):
+        args = [*tokens] + ([rpb] if with_rpb else [])
+        assert torch.autograd.gradcheck(
+            lambda q, k, v, *r: na2d(q, k, v, kernel, dilation, r[0] if r else None, 0.7), args
+        )
+        args = [q, k] + ([rpb] if with_rpb else [])
+        assert torch.autograd.gradcheck(lambda q, k, *r: na2d_qk(q, k, kernel, dilation, r[0] if r else None), args)
+        assert torch.autograd.gradcheck(lambda a, v: na2d_av(a, v, kernel, dilation), [attn, v])
+
+
+def test_float32_matches_float64_reference() -> None:
+    """The vectorised float32 path (its own exp) stays within float32 rounding of the definition."""
+    q, k, v, rpb = (t.detach() for t in _inputs((2, 2, 23, 30, 32), (7, 7), True, 3))
+    expected = na2d(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), 7, 2, rpb.detach())
+    with use_backend("cpu"):
+        got = na2d(*(t.float().permute(0, 2, 3, 1, 4) for t in (q, k, v)), 7, 2, rpb.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_under_autocast() -> None:
+    """bf16 inputs (as autocast's linear layers give) compute in float32 and come back bf16."""
+    q, k, v = (torch.randn(2, 14, 14, 2, 16) for _ in range(3))
+    rpb = torch.randn(2, 13, 13)
+    with use_backend("cpu"):
+        expected = na2d(q, k, v, 7, 1, rpb)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = na2d(q.bfloat16(), k.bfloat16(), v.bfloat16(), 7, 1, rpb)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_torch_compile_without_graph_breaks() -> None:
+    q, k, v = (torch.randn(1, 16, 12, 2, 8, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 9, 9, requires_grad=True)
+
+    def attention(q, k, v, rpb):
+        return na2d(q, k, v, 5, (2, 1), rpb).sum(-1)
+
+    with use_backend("cpu"):
+        eager = attention(q, k, v, rpb)
+        compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")(q, k, v, rpb)
+        torch.testing.assert_close(compiled, eager)
+        grads = torch.autograd.grad(compiled.sum(), [q, k, v, rpb])
+        expected = torch.autograd.grad(eager.sum(), [q, k, v, rpb])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)

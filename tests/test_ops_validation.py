@@ -1,0 +1,98 @@
+"""Bad arguments get a ValueError naming the argument and the value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinat.layers import NeighborhoodAttention2D
+from dinat.ops import na2d, na2d_av, na2d_qk, use_backend
+
+
+def _qkv(shape=(1, 2, 8, 9, 4), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kernel_size=4), "kernel_size must be odd and >= 3 on each axis, got 4"),
+        (dict(kernel_size=1), "kernel_size must be odd and >= 3 on each axis, got 1"),
+        (dict(kernel_size=(3, 6)), r"kernel_size must be odd and >= 3 on each axis, got \(3, 6\)"),
+        (dict(kernel_size=(3, 3, 3)), r"kernel_size must be an int or an \(h, w\) pair of ints, got \(3, 3, 3\)"),
+        (dict(kernel_size=3.0), "kernel_size must be an int or an"),
+        (dict(kernel_size=True), "kernel_size must be an int or an"),
+        (dict(kernel_size=3, dilation=0), "dilation must be >= 1 on each axis, got 0"),
+        (dict(kernel_size=3, dilation=(1, -2)), r"dilation must be >= 1 on each axis, got \(1, -2\)"),
+        (dict(kernel_size=5, dilation=2), "input height 8 is smaller than kernel_size \\* dilation = 5 \\* 2 = 10"),
+        (dict(kernel_size=(3, 5), dilation=(1, 2)), "input width 9 is smaller than kernel_size \\* dilation = 5 \\* 2"),
+    ],
+)
+def test_geometry_errors(kwargs, message) -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=message):
+        na2d_qk(q, k, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        na2d(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), **kwargs)
+
+
+def test_tensor_errors() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"q must have rank 5, got shape \(8, 9, 4\)"):
+        na2d_qk(q[0, 0], k, 3)
+    with pytest.raises(ValueError, match=r"k must have shape \(1, 2, 8, 9, 4\) to match q, got \(1, 2, 8, 9, 5\)"):
+        na2d_qk(q, torch.randn(1, 2, 8, 9, 5), 3)
+    with pytest.raises(ValueError, match="k has dtype torch.float64 but q has dtype torch.float32"):
+        na2d_qk(q, k.double(), 3)
+    with pytest.raises(ValueError, match="q must be a floating-point tensor, got dtype torch.int64"):
+        na2d_qk(q.long(), k.long(), 3)
+    with pytest.raises(ValueError, match=r"rpb must have shape \(2, 5, 5\) to match q, got \(2, 7, 7\)"):
+        na2d_qk(q, k, 3, rpb=torch.randn(2, 7, 7))
+    with pytest.raises(ValueError, match="rpb has dtype torch.float64 but q has dtype torch.float32"):
+        na2d_qk(q, k, 3, rpb=torch.randn(2, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"attn must have shape \(1, 2, 8, 9, 9\) to match v, got \(1, 2, 8, 9, 25\)"):
+        na2d_av(torch.randn(1, 2, 8, 9, 25), v, 3)
+    tokens = [t.permute(0, 2, 3, 1, 4) for t in (q, k, v)]
+    with pytest.raises(ValueError, match=r"v must have shape \(1, 8, 9, 2, 4\) to match q"):
+        na2d(*tokens[:2], tokens[2][..., :3], 3)
+    with pytest.raises(ValueError, match="scale must be a float or None, got 'x'"):
+        na2d(*tokens, 3, scale="x")
+
+
+def test_backend_errors() -> None:
+    with pytest.raises(ValueError, match="backend must be one of .* got 'gpu'"):
+        with use_backend("gpu"):
+            pass
+
+
+def test_module_pads_instead_of_failing() -> None:
+    """Maps smaller than kernel * dilation are zero-padded before qkv and cropped after (NATTEN 0.14)."""
+    torch.manual_seed(0)
+    layer = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=5, dilation=2).eval()
+    x = torch.randn(2, 6, 13, 8)
+    out = layer(x)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 4))
+    qkv = layer.qkv(padded).view(2, 10, 13, 3, 2, 4).unbind(3)
+    with use_backend("reference"):
+        expected = na2d(*qkv, 5, 2, layer.rpb, layer.scale).reshape(2, 10, 13, 8)[:, :6]
+    torch.testing.assert_close(out, layer.proj(expected))
+    assert list(layer.state_dict()) == ["rpb", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]  # original order
+    with pytest.raises(ValueError, match=r"expected input \(B, H, W, 8\), got shape \(2, 6, 13, 7\)"):
+        layer(torch.randn(2, 6, 13, 7))
+    with pytest.raises(ValueError, match="dim 8 must be a positive multiple of num_heads 3"):
+        NeighborhoodAttention2D(dim=8, num_heads=3, kernel_size=5)
+
+
+def test_module_attention_dropout_path_matches_fused() -> None:
+    """With dropout p>0 but in eval mode, and with p=0 in training, both paths agree."""
+    torch.manual_seed(0)
+    layer = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, attn_drop=0.5)
+    x = torch.randn(1, 7, 9, 8)
+    layer.eval()
+    fused = layer(x)
+    layer.train()
+    layer.attn_drop.p = 0.0
+    torch.testing.assert_close(layer(x), fused)
+    layer.attn_drop.p = 0.5
+    assert not torch.allclose(layer(x), fused)

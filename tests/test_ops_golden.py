@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, cpu_backends
 
+from conftest import DATA, cpu_backends
 from dinat.ops import na2d, na2d_av, na2d_qk, use_backend
 
 CASES = torch.load(DATA / "na2d_ops.pt")["cases"]

@@ -11,9 +11,9 @@ autocast) are computed in float32 and cast back.
 from __future__ import annotations
 
 import ctypes
-import math
 import functools
 import importlib.util
+import math
 
 import torch
 from torch import Tensor
@@ -352,9 +352,7 @@ def _full_group_attention(
     return out.reshape(batch, height, width, heads, dim)
 
 
-def na2d(
-    q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float
-) -> Tensor:
+def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     batch, height, width, heads, dim = q.shape
     if (height, width) == (kernel[0] * dilation[0], kernel[1] * dilation[1]):
         return _full_group_attention(q, k, v, kernel, dilation, rpb, scale)

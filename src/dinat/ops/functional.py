@@ -17,10 +17,8 @@ import threading
 from collections.abc import Iterator
 from typing import Literal
 
-
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from . import reference
 
@@ -74,8 +72,10 @@ def as_pair(value: IntOrPair, name: str) -> Pair:
         raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
     if isinstance(value, int):
         return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         return (int(value[0]), int(value[1]))
     raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
@@ -133,9 +133,7 @@ def _check_rpb(rpb: Tensor | None, heads: int, kernel: Pair, ref: Tensor) -> Non
         raise ValueError(f"rpb is on {rpb.device} but q is on {ref.device}")
 
 
-def na2d_qk(
-    q: Tensor, k: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1, rpb: Tensor | None = None
-) -> Tensor:
+def na2d_qk(q: Tensor, k: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1, rpb: Tensor | None = None) -> Tensor:
     """Logits of every query against its neighborhood, heads-first.
 
     q, k: (B, heads, H, W, D); rpb: (heads, 2*kh-1, 2*kw-1) or None. Returns (B, heads, H, W, kh*kw),

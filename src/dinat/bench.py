@@ -1,0 +1,240 @@
+"""`dinat bench`: neighborhood attention and whole models against the usual yardsticks.
+
+Everything is timed in one process with the same threads and batch; candidates are interleaved
+(one repeat of each in turn) and summarised by medians, so the ratios stay meaningful on a noisy
+machine. Peak training memory is measured per model in a fresh subprocess (peak RSS growth over one
+training step), since the CPU allocator keeps no per-model statistics.
+
+(a) ``op``: the attention at the shapes of every DiNAT-Mini level (batch B, head dim 32, kernel 7),
+    forward and forward+backward, for the automatic backend, the reference, Swin's window attention
+    (``scaled_dot_product_attention`` over non-overlapping 7x7 windows plus a bias: the same 49 dot
+    products per query) and dense ``scaled_dot_product_attention`` over all tokens.
+(b) ``model``: inference and training-step images/s and peak memory of dinat_mini, dinat_s_tiny and
+    dinat_isotropic_small against timm's swin_tiny_patch4_window7_224, convnext_tiny and
+    vit_small_patch16_224 (224 px, float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .ops import current_backend, na2d, use_backend
+
+# (tokens per side, heads, dilations used at that level) for DiNAT-Mini at 224 px.
+DINAT_MINI_LEVELS = [(56, 2, (1, 8)), (28, 4, (1, 4)), (14, 8, (1, 2)), (7, 16, (1,))]
+OURS = ["dinat_mini", "dinat_s_tiny", "dinat_isotropic_small"]
+YARDSTICKS = ["swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224"]
+WINDOW = 7
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each candidate, timed round-robin after one warm-up call each."""
+    for fn in candidates.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def window_attention(q, k, v, bias):
+    """Swin-style attention: tokens-first (B, H, W, h, D) in and out, 7x7 windows, bias (h, 49, 49)."""
+    batch, height, width, heads, dim = q.shape
+    rows, cols = height // WINDOW, width // WINDOW
+
+    def partition(x):
+        x = x.view(batch, rows, WINDOW, cols, WINDOW, heads, dim).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(-1, heads, WINDOW * WINDOW, dim)
+
+    out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias)
+    out = out.view(batch, rows, cols, heads, WINDOW, WINDOW, dim).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(batch, height, width, heads, dim)
+
+
+def dense_attention(q, k, v):
+    """Full self-attention over all tokens, tokens-first in and out."""
+    batch, height, width, heads, dim = q.shape
+    flat = [t.reshape(batch, height * width, heads, dim).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*flat)
+    return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
+
+
+def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        forward().sum().backward()
+
+    return step
+
+
+def op_rows(batch: int, repeats: int, include_reference: bool) -> list[dict]:
+    rows = []
+    for size, heads, dilations in DINAT_MINI_LEVELS:
+        for dilation in dilations:
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(batch, size, size, heads, 32, generator=gen).requires_grad_() for _ in range(3))
+            rpb = (torch.randn(heads, 13, 13, generator=gen) * 0.02).requires_grad_()
+            bias = (torch.randn(heads, 49, 49, generator=gen) * 0.02).requires_grad_()
+            forwards = {
+                "fast": lambda q=q, k=k, v=v, rpb=rpb, d=dilation: na2d(q, k, v, 7, d, rpb),
+                "window": lambda q=q, k=k, v=v, bias=bias: window_attention(q, k, v, bias),
+                "dense_sdpa": lambda q=q, k=k, v=v: dense_attention(q, k, v),
+            }
+            if include_reference:
+
+                def reference(q=q, k=k, v=v, rpb=rpb, dilation=dilation):
+                    with use_backend("reference"):
+                        return na2d(q, k, v, 7, dilation, rpb)
+
+                forwards["reference"] = reference
+            with torch.no_grad():
+                fwd = interleaved_medians(forwards, repeats)
+            both = interleaved_medians({n: _with_backward(f) for n, f in forwards.items()}, repeats)
+            row = {"shape": f"{size}x{size} h{heads} d{dilation}", "backend": current_backend(q)}
+            for name in forwards:
+                row[f"{name}_fwd_ms"] = fwd[name] * 1e3
+                row[f"{name}_fwdbwd_ms"] = both[name] * 1e3
+                row[f"{name}_fwd_vs_window"] = fwd[name] / fwd["window"]
+                row[f"{name}_fwdbwd_vs_window"] = both[name] / both["window"]
+            rows.append(row)
+            print(
+                f"  {row['shape']:<14} fwd {row['fast_fwd_ms']:8.2f} ms ({row['fast_fwd_vs_window']:.2f}x window)"
+                f"  fwd+bwd {row['fast_fwdbwd_ms']:8.2f} ms ({row['fast_fwdbwd_vs_window']:.2f}x window)",
+                flush=True,
+            )
+    return rows
+
+
+def _build(name: str):
+    import timm
+
+    from . import models  # noqa: F401  (registers ours in timm)
+
+    return timm.create_model(name)
+
+
+def peak_train_memory_mb(name: str, batch: int, threads: int) -> float:
+    """Peak RSS growth (MiB) over one training step, measured in a fresh process."""
+    code = (
+        "import resource, sys, torch, dinat.bench as b\n"
+        f"torch.set_num_threads({threads}); torch.manual_seed(0)\n"
+        f"m = b._build({name!r}).train(); x = torch.randn({batch}, 3, 224, 224)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m(x).logsumexp(-1).mean().backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def model_rows(names: list[str], batch: int, repeats: int, threads: int) -> list[dict]:
+    torch.manual_seed(0)
+    built = {name: _build(name) for name in names}
+    images = torch.randn(batch, 3, 224, 224)
+
+    def inference(model):
+        def run():
+            with torch.inference_mode():
+                model(images)
+
+        return run
+
+    def train_step(model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run():
+            loss = F.cross_entropy(model(images), torch.zeros(batch, dtype=torch.long))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    for model in built.values():
+        model.eval()
+    infer = interleaved_medians({n: inference(m) for n, m in built.items()}, repeats)
+    for model in built.values():
+        model.train()
+    train = interleaved_medians({n: train_step(m) for n, m in built.items()}, max(3, repeats // 2))
+    rows = []
+    for name in names:
+        rows.append(
+            {
+                "model": name,
+                "infer_img_s": batch / infer[name],
+                "train_img_s": batch / train[name],
+                "train_peak_mem_mb": peak_train_memory_mb(name, batch, threads),
+            }
+        )
+    base = next((r for r in rows if r["model"] == YARDSTICKS[0]), None)
+    for row in rows:
+        if base:
+            row["infer_vs_swin_t"] = row["infer_img_s"] / base["infer_img_s"]
+            row["train_vs_swin_t"] = row["train_img_s"] / base["train_img_s"]
+            row["mem_vs_swin_t"] = row["train_peak_mem_mb"] / base["train_peak_mem_mb"]
+    return rows
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    for row in rows:
+        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="dinat bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=["op", "model", "all"], default="all")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--models", nargs="+", default=OURS + YARDSTICKS)
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference op")
+    parser.add_argument("--output", type=Path, default=Path("bench_results"))
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.threads < 1 or args.repeats < 1:
+        parser.error(f"--batch, --threads, --repeats must be >= 1, got {args.batch}, {args.threads}, {args.repeats}")
+    torch.set_num_threads(args.threads)
+    results: dict = {
+        "command": "dinat bench " + " ".join(sys.argv[2:] if argv is None else argv),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "batch": args.batch,
+    }
+    if args.suite in ("op", "all"):
+        print(f"op: DiNAT-Mini level shapes, batch {args.batch}, head dim 32, kernel 7, {args.threads} threads")
+        results["op"] = op_rows(args.batch, args.repeats, not args.no_reference)
+    if args.suite in ("model", "all"):
+        print(f"model: 224 px, batch {args.batch}, float32, {args.threads} threads", flush=True)
+        results["model"] = model_rows(args.models, args.batch, args.repeats, args.threads)
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / "bench.json"
+    path.write_text(json.dumps(results, indent=2))
+    if "op" in results:
+        names = ["fast", "window", "dense_sdpa"] + ([] if args.no_reference else ["reference"])
+        cols = ["shape"] + [f"{n}_fwd_ms" for n in names] + ["fast_fwd_vs_window"]
+        cols += [f"{n}_fwdbwd_ms" for n in names] + ["fast_fwdbwd_vs_window"]
+        print("\n" + _table(results["op"], cols))
+    if "model" in results:
+        cols = ["model", "infer_img_s", "infer_vs_swin_t", "train_img_s", "train_vs_swin_t"]
+        cols += ["train_peak_mem_mb", "mem_vs_swin_t"]
+        print("\n" + _table(results["model"], cols))
+    print(f"\nresults: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -294,7 +294,12 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                                 VEC acc = {0};
                                 for (int64_t u = 0; u < ch->len; u++)
                                     acc += NAME(load)(pts + u * PTW + a * kw + b0) * val[s * BLOCK + x][u];
-                                for (int64_t e = 0; e < VL && b0 + e < kw; e++) o[x * HW + (b0 + e) * dw] += acc[e];
+                                if (dw == 1) { /* contiguous keys: one vector update, lanes past kw add 0 */
+                                    for (int64_t e = 0; e < VL; e++) acc[e] = b0 + e < kw ? acc[e] : (T)0;
+                                    *(UVEC *)(o + x * HW + b0) += acc;
+                                } else {
+                                    for (int64_t e = 0; e < VL && b0 + e < kw; e++) o[x * HW + (b0 + e) * dw] += acc[e];
+                                }
                             }
                         }
                     }

@@ -79,9 +79,7 @@ def count(
     for name, module in model.named_modules():
         if isinstance(module, ATTENTION_TYPES):
             attn_names[f"{root}.{name}"] = [f"{root}.{name}.{child}" for child, _ in module.named_children()]
-            hooks.append(
-                module.register_forward_hook(lambda m, i, o: add(_attention_flops(m, i[0], count_bias)))
-            )
+            hooks.append(module.register_forward_hook(lambda m, i, o: add(_attention_flops(m, i[0], count_bias))))
         elif count_norms and isinstance(module, nn.LayerNorm):
             hooks.append(module.register_forward_hook(lambda m, i, o: add(5 * i[0].numel())))
     was_training = model.training
@@ -99,9 +97,7 @@ def count(
     def total(name: str) -> int:
         return sum(per_module.get(name, {}).values())
 
-    inside_attention = sum(
-        total(name) - sum(total(c) for c in children) for name, children in attn_names.items()
-    )
+    inside_attention = sum(total(name) - sum(total(c) for c in children) for name, children in attn_names.items())
     return count_params(model), (counter.get_total_flops() - inside_attention) // 2 + extra[0]
 
 

@@ -222,42 +222,47 @@ class ClassifierMixin:
 class HierarchicalModel(ClassifierMixin, nn.Module):
     """The 4-stage models (NAT/DiNAT with ``levels``, DiNAT_s with ``layers``).
 
-    Subclasses build ``patch_embed`` and the stages (named by ``stages_name``), then call
-    ``_finish``. forward_features returns the final-normed (B, H, W, C) map; forward_intermediates
+    Subclasses pass their stem and downsampler and name the stage list (``stages_name``).
+    forward_features returns the final-normed (B, H, W, C) map; forward_intermediates
     returns each stage's output before its downsample, NCHW, as detection/segmentation need.
     """
 
     stages_name = "levels"
 
-    @property
-    def stages(self) -> nn.ModuleList:
-        return getattr(self, self.stages_name)
-
-    @staticmethod
-    def _build_stages(
+    def __init__(
+        self,
+        patch_embed: nn.Module,
+        downsample_layer: Callable[[int], nn.Module],
         embed_dim: int,
+        mlp_ratio: float,
         depths: Sequence[int],
         num_heads: Sequence[int],
-        kernel_size: int,
-        dilations: Sequence[Sequence[int]] | None,
-        drop_path_rate: float,
-        downsample_layer: Callable[[int], nn.Module],
-        **block_kwargs: Any,
-    ) -> nn.ModuleList:
-        """Stage i: dim embed_dim * 2**i, ``dilations[i]`` repeated to its depth (None: all 1),
-        ``downsample_layer(dim)`` after every stage but the last."""
+        kernel_size: int = 7,
+        dilations: Sequence[Sequence[int]] | None = None,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        layer_scale: float | None = None,
+    ) -> None:
+        """Stage i has dim embed_dim * 2**i, ``dilations[i]`` repeated to its depth (None: all 1),
+        and ``downsample_layer(dim)`` after it unless it is the last."""
+        super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
         patterns = [(1,)] * len(depths) if dilations is None else dilations
-        if len(patterns) != len(depths) or any(
-            not 1 <= len(p) <= d for p, d in zip(patterns, depths, strict=False)
-        ):
+        if len(patterns) != len(depths) or any(not 1 <= len(p) <= d for p, d in zip(patterns, depths, strict=False)):
             raise ValueError(
-                f"dilations {dilations!r} must give each level of depths {tuple(depths)} a pattern "
-                "of 1 to depth values"
+                f"dilations {dilations!r} must give each level of depths {tuple(depths)} a pattern of 1 to depth values"
             )
+        self.patch_embed = patch_embed
+        self.pos_drop = nn.Dropout(drop_rate)
         dpr = drop_path_rates(drop_path_rate, depths)
-        return nn.ModuleList(
+        n = len(depths)
+        stages = nn.ModuleList(
             Stage(
                 embed_dim * 2**i,
                 depth,
@@ -265,21 +270,27 @@ class HierarchicalModel(ClassifierMixin, nn.Module):
                 kernel_size,
                 repeat_pattern(patterns[i], depth),
                 dpr[i],
-                downsample=downsample_layer(embed_dim * 2**i) if i < len(depths) - 1 else None,
-                **block_kwargs,
+                downsample=downsample_layer(embed_dim * 2**i) if i < n - 1 else None,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                layer_scale=layer_scale,
             )
             for i, depth in enumerate(depths)
         )
-
-    def _finish(self, embed_dim: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
-        n = len(self.stages)
+        setattr(self, self.stages_name, stages)
         self.feature_info = [
-            dict(num_chs=embed_dim * 2**i, reduction=4 * 2**i, module=f"{self.stages_name}.{i}")
-            for i in range(n)
+            dict(num_chs=embed_dim * 2**i, reduction=4 * 2**i, module=f"{self.stages_name}.{i}") for i in range(n)
         ]
         self.norm = nn.LayerNorm(embed_dim * 2 ** (n - 1))
         self._build_head(embed_dim * 2 ** (n - 1), num_classes, global_pool, drop_rate)
         self.apply(init_weights)
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        return getattr(self, self.stages_name)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

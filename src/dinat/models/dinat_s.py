@@ -51,7 +51,7 @@ class PatchMerging(nn.Module):
 class DiNATs(HierarchicalModel):
     """DiNAT_s: Swin-layout DiNAT.
 
-    Args:
+    Args (the rest: :class:`~dinat.models.HierarchicalModel`):
         dilations: per level, the pattern repeated to the level's depth (e.g. ((1, 8), (1, 4),
             (1, 2), (1, 1))); None means dilation 1 everywhere.
     """
@@ -64,36 +64,12 @@ class DiNATs(HierarchicalModel):
         mlp_ratio: float = 4.0,
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
-        kernel_size: int = 7,
-        dilations: Sequence[Sequence[int]] | None = None,
-        num_classes: int = 1000,
         in_chans: int = 3,
-        global_pool: str = "avg",
         patch_size: int = 4,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.layers = self._build_stages(
-            embed_dim,
-            depths,
-            num_heads,
-            kernel_size,
-            dilations,
-            drop_path_rate,
-            PatchMerging,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
-        )
-        self._finish(embed_dim, num_classes, global_pool, drop_rate)
+        embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        super().__init__(embed, PatchMerging, embed_dim, mlp_ratio, depths, num_heads, **kwargs)
 
 
 def _create(variant: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> DiNATs:

@@ -128,9 +128,7 @@ class IsotropicModel(ClassifierMixin, nn.Module):
         super().__init__()
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if tuple(-(-s // patch_size) for s in size) != (GRID, GRID):
-            raise ValueError(
-                f"isotropic models take {GRID}x{GRID} tokens (224x224 images), got img_size {img_size}"
-            )
+            raise ValueError(f"isotropic models take {GRID}x{GRID} tokens (224x224 images), got img_size {img_size}")
         if attention not in ("na", "rpb"):
             raise ValueError(f"attention must be 'na' or 'rpb', got {attention!r}")
         self.grad_checkpointing = False

@@ -64,7 +64,7 @@ DILATIONS_384 = ((1, 13, 1), (1, 6, 1, 6), (1, 3), (1,))  # SPEC "B"
 class NAT(HierarchicalModel):
     """Neighborhood Attention Transformer; with ``dilations`` it is DiNAT.
 
-    Args:
+    Args (the rest: :class:`~dinat.models.HierarchicalModel`):
         embed_dim: channels of level 0 (level i has embed_dim * 2**i).
         depths, num_heads: per level.
         kernel_size: neighborhood size (odd).
@@ -81,37 +81,11 @@ class NAT(HierarchicalModel):
         mlp_ratio: float = 3.0,
         depths: Sequence[int] = (3, 4, 6, 5),
         num_heads: Sequence[int] = (2, 4, 8, 16),
-        kernel_size: int = 7,
-        dilations: Sequence[Sequence[int]] | None = None,
-        num_classes: int = 1000,
         in_chans: int = 3,
-        global_pool: str = "avg",
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        layer_scale: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.patch_embed = ConvTokenizer(in_chans, embed_dim)
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.levels = self._build_stages(
-            embed_dim,
-            depths,
-            num_heads,
-            kernel_size,
-            dilations,
-            drop_path_rate,
-            ConvDownsampler,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
-            layer_scale=layer_scale,
-        )
-        self._finish(embed_dim, num_classes, global_pool, drop_rate)
+        tokenizer = ConvTokenizer(in_chans, embed_dim)
+        super().__init__(tokenizer, ConvDownsampler, embed_dim, mlp_ratio, depths, num_heads, **kwargs)
 
 
 def _create(variant: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> NAT:

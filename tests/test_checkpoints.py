@@ -1,0 +1,163 @@
+"""Checkpoint files: every wrapper and format loads to the same model, through timm's pretrained
+path and through dinat.checkpoints; mismatches are listed; rpb resizing; atomic saving. Nothing is
+downloaded: every file is written by the test."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import dinat
+from dinat.checkpoints import (
+    CheckpointMismatchError,
+    load_checkpoint,
+    load_state_dict,
+    resize_rpb,
+    resolve_download,
+    save_checkpoint,
+)
+
+X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def source() -> tuple[dict, torch.Tensor]:
+    torch.manual_seed(1)
+    model = timm.create_model("dinat_mini").eval()
+    with torch.no_grad():
+        return model.state_dict(), model(X)
+
+
+def _write(kind: str, state_dict: dict, path) -> str:
+    if kind == "safetensors":
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path / "w.safetensors"))
+        return str(path / "w.safetensors")
+    obj = {
+        "bare": state_dict,
+        "state_dict": {"state_dict": state_dict, "epoch": 3},
+        "ema": {
+            "state_dict": {k: torch.zeros_like(v) for k, v in state_dict.items()},
+            "state_dict_ema": state_dict,
+        },
+        "model": {"model": state_dict, "optimizer": {}},
+        "ddp": {f"module.{k}": v for k, v in state_dict.items()},
+    }[kind]
+    torch.save(obj, path / "w.pth")
+    return str(path / "w.pth")
+
+
+@pytest.mark.parametrize("kind", ["bare", "state_dict", "ema", "model", "ddp", "safetensors"])
+def test_pretrained_file_same_logits(kind: str, source, tmp_path) -> None:
+    state_dict, expected = source
+    path = _write(kind, state_dict, tmp_path)
+    model = timm.create_model("dinat_mini", pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    direct = timm.create_model("dinat_mini").eval()
+    load_checkpoint(direct, path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), expected, rtol=0, atol=0)
+        torch.testing.assert_close(direct(X), expected, rtol=0, atol=0)
+    assert load_state_dict(path).keys() == state_dict.keys()
+
+
+def test_create_model_checkpoint_path(source, tmp_path) -> None:
+    state_dict, expected = source
+    model = dinat.create_model("dinat_mini", checkpoint_path=_write("ddp", state_dict, tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), expected, rtol=0, atol=0)
+
+
+def test_pretrained_new_head(source, tmp_path) -> None:
+    path = _write("bare", source[0], tmp_path)
+    model = timm.create_model(
+        "dinat_mini", pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=path)
+    )
+    assert model.get_classifier().out_features == 5
+    torch.testing.assert_close(model.levels[0].blocks[0].attn.rpb, source[0]["levels.0.blocks.0.attn.rpb"])
+
+
+def test_wrong_file_lists_keys(source, tmp_path) -> None:
+    state_dict = dict(source[0])
+    del state_dict["norm.weight"]
+    state_dict["extra.weight"] = torch.zeros(1)
+    state_dict["levels.0.blocks.0.attn.rpb"] = torch.zeros(2, 21, 21)
+    path = _write("bare", state_dict, tmp_path)
+    pattern = r"missing keys \(1\): norm.weight(.|\n)*unexpected keys \(1\): extra.weight(.|\n)*"
+    pattern += r"levels.0.blocks.0.attn.rpb: checkpoint \(2, 21, 21\), model \(2, 13, 13\)"
+    with pytest.raises(CheckpointMismatchError, match=pattern):
+        timm.create_model("dinat_mini", pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    model = timm.create_model("dinat_mini")
+    with pytest.raises(CheckpointMismatchError, match=pattern) as info:
+        load_checkpoint(model, path)
+    assert info.value.missing == ["norm.weight"] and info.value.unexpected == ["extra.weight"]
+    report = load_checkpoint(model, path, strict=False)
+    assert report["missing"] == ["norm.weight"] and len(report["mismatched"]) == 1
+    torch.testing.assert_close(model.head.weight, source[0]["head.weight"])
+
+
+def test_bad_files(tmp_path) -> None:
+    torch.save({"optimizer": {"lr": 1.0}, "epoch": 1}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="neither a state_dict nor a wrapper.*optimizer, epoch"):
+        load_state_dict(tmp_path / "x.pth")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        load_state_dict(tmp_path / "missing.pth")
+
+
+def test_resize_rpb() -> None:
+    torch.manual_seed(0)
+    small = timm.create_model("dinat_nano", kernel_size=7).eval()
+    resized = resize_rpb(small.state_dict(), 11)
+    table = small.state_dict()["levels.1.blocks.0.attn.rpb"]
+    expected = F.interpolate(table[None], size=(21, 21), mode="bicubic", align_corners=False)[0]
+    torch.testing.assert_close(resized["levels.1.blocks.0.attn.rpb"], expected)
+    assert small.state_dict()["levels.1.blocks.0.attn.rpb"].shape == (2, 13, 13)  # input untouched
+    large = timm.create_model("dinat_nano", kernel_size=11).eval()
+    load_checkpoint(large, resized)  # strict
+    torch.testing.assert_close(
+        resize_rpb(resized, 11)["levels.0.blocks.0.attn.rpb"], resized["levels.0.blocks.0.attn.rpb"]
+    )
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        resize_rpb(resized, 4)
+
+
+def test_save_checkpoint_atomic(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "sub" / "ckpt.pth"
+    save_checkpoint({"a": torch.ones(2)}, path)
+    save_checkpoint({"a": torch.zeros(2)}, path)
+    assert torch.load(path)["a"].sum() == 0
+    save_checkpoint({"w": torch.ones(3)}, tmp_path / "w.safetensors")
+    assert load_state_dict(tmp_path / "w.safetensors")["w"].sum() == 3
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"a": torch.ones(2)}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["a"].sum() == 0  # the old file is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pth"]  # no temporary left
+
+
+def test_alternative_url(monkeypatch, tmp_path) -> None:
+    tried = []
+
+    def fake_download(url, **kwargs):
+        tried.append(url)
+        if "_in1k_224" in url:
+            raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+        return str(tmp_path / "w.pth")
+
+    monkeypatch.setattr("timm.models._hub.download_cached_file", fake_download)
+    kwargs: dict = {}
+    resolve_download("dinat_s_tiny", kwargs)
+    assert tried[0].endswith("dinat_s_tiny_in1k_224.pth") and tried[1].endswith("dinat_s_tiny_1k_224.pth")
+    assert kwargs["pretrained_cfg_overlay"]["file"] == str(tmp_path / "w.pth")
+    kwargs = {"pretrained_cfg_overlay": {"file": "local.pth"}}
+    resolve_download("dinat_s_tiny", kwargs)
+    assert kwargs == {"pretrained_cfg_overlay": {"file": "local.pth"}} and len(tried) == 2

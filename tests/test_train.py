@@ -79,6 +79,7 @@ def test_fine_tune_with_a_new_head(trained, tmp_path):
             str(tmp_path / "ft"),
             "--initial-checkpoint",
             str(out / "last.pth"),
+            "--amp",  # bf16 autocast on CPU
         ]
     )
     assert summary["epoch"] == 1

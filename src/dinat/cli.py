@@ -20,9 +20,7 @@ def _flops(argv) -> None:
     if hasattr(flops, "main"):
         flops.main(argv)
         return
-    parser = argparse.ArgumentParser(
-        prog="dinat flops", description="parameters and FLOPs (fvcore, 1 MAC = 1 FLOP)"
-    )
+    parser = argparse.ArgumentParser(prog="dinat flops", description="parameters and FLOPs (fvcore, 1 MAC = 1 FLOP)")
     parser.add_argument("--model", nargs="+", required=True)
     parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args(argv)

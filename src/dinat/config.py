@@ -81,6 +81,7 @@ class Config:
     amp: bool = True
     amp_dtype: str = "auto"  # auto: bfloat16 on CPU, float16 (with a grad scaler) on CUDA
     device: str = "auto"
+    threads: int = 0  # CPU threads per process (0: torch's default)
     compile: bool = False
     channels_last: bool = False
     deterministic: bool = False

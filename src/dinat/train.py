@@ -183,6 +183,8 @@ def train(cfg: Config) -> dict:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -347,9 +349,7 @@ def train(cfg: Config) -> dict:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite.item():
                 bar.close()
-                kept = (
-                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
-                )
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping ({kept})"
                 )

@@ -44,9 +44,7 @@ def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
 
 
-def create_model(
-    name: str, num_classes: int | None, pretrained: bool = False, drop_path: float | None = None
-):
+def create_model(name: str, num_classes: int | None, pretrained: bool = False, drop_path: float | None = None):
     import dinat  # noqa: F401  (registers the models)
 
     check_model_name(name)
@@ -137,9 +135,7 @@ def format_table(rows: dict[str, object]) -> str:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="dinat validate", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "data_dir", nargs="?", default="", help="folder with val/ or validation/ (or class folders)"
-    )
+    p.add_argument("data_dir", nargs="?", default="", help="folder with val/ or validation/ (or class folders)")
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pretrained", action="store_true", help="the released weights of --model")

@@ -102,9 +102,7 @@ def _timm_dataset(cfg, split: str, is_training: bool):
             batch_size=cfg.batch_size,
         )
     except Exception as e:  # timm raises many kinds; say which dataset failed
-        raise DataError(
-            f"cannot open dataset {cfg.dataset!r} (split {split!r}) at {cfg.data_dir!r}: {e}"
-        ) from e
+        raise DataError(f"cannot open dataset {cfg.dataset!r} (split {split!r}) at {cfg.data_dir!r}: {e}") from e
     if isinstance(ds, torch.utils.data.IterableDataset):
         raise DataError(f"dataset {cfg.dataset!r} is iterable; only map-style datasets are supported")
     return ds

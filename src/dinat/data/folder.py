@@ -74,9 +74,7 @@ class ImageFolder(Dataset):
         for name in found:
             files = list_images(self.root / name)
             if not files:
-                raise DataError(
-                    f"class folder {self.root / name} has no images ({', '.join(IMAGE_EXTENSIONS)})"
-                )
+                raise DataError(f"class folder {self.root / name} has no images ({', '.join(IMAGE_EXTENSIONS)})")
             self.samples += [(f, index[name]) for f in files]
         self.skipped: list[str] = []
         if skip_bad_images:
@@ -91,8 +89,7 @@ class ImageFolder(Dataset):
             warnings.warn(f"skipping unreadable image {f}", stacklevel=2)
         if self.skipped:
             warnings.warn(
-                f"{self.root}: skipped {len(self.skipped)} bad image(s) of "
-                f"{len(self.skipped) + len(self.samples)}",
+                f"{self.root}: skipped {len(self.skipped)} bad image(s) of {len(self.skipped) + len(self.samples)}",
                 stacklevel=2,
             )
 

@@ -1,0 +1,162 @@
+"""Every configs/ file parses, names a registered model, and holds the values of SPEC section 4."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+
+import dinat  # noqa: F401
+from dinat.config import Config, ConfigError, make_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+RECIPE = dict(  # the original's defaults
+    opt="adamw",
+    opt_eps=1e-8,
+    opt_betas=(0.9, 0.999),
+    weight_decay=0.05,
+    clip_grad=5.0,
+    lr=1e-3,
+    lr_base=None,
+    batch_size=128,
+    sched="cosine",
+    sched_epochwise=False,
+    min_lr=5e-6,
+    warmup_lr=1e-6,
+    epochs=300,
+    warmup_epochs=20,
+    cooldown_epochs=10,
+    smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    mixup_prob=1.0,
+    mixup_switch_prob=0.5,
+    mixup_mode="batch",
+    aa="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
+    remode="pixel",
+    color_jitter=0.4,
+    train_interpolation="random",
+    scale=(0.08, 1.0),
+    hflip=0.5,
+    crop_pct=0.875,
+    interpolation="bicubic",
+    img_size=224,
+    model_ema=False,
+    model_ema_decay=0.9998,
+    seed=42,
+    amp=True,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+FINE_TUNE = dict(
+    lr=5e-5,
+    epochs=30,
+    warmup_epochs=0,
+    cooldown_epochs=0,
+    amp=False,
+    batch_size=64,
+    sched="linear",
+    mixup=0.0,
+    cutmix=0.0,
+    mixup_prob=0.0,
+)
+SMALL = [
+    "nat_mini",
+    "nat_tiny",
+    "nat_small",
+    "nat_base",
+    "dinat_mini",
+    "dinat_tiny",
+    "dinat_small",
+    "dinat_base",
+    "dinat_s_tiny",
+    "dinat_s_small",
+    "dinat_s_base",
+    "nat_isotropic_small",
+    "dinat_isotropic_small",
+]
+EXPECTED = {
+    **{name: {"model": name} for name in SMALL},
+    "vit_rpb_small": {"model": "vitrpb_small"},
+    "nat_isotropic_base": {"model": "nat_isotropic_base", "model_ema": True, "warmup_epochs": 50},
+    "dinat_isotropic_base": {"model": "dinat_isotropic_base", "model_ema": True, "warmup_epochs": 50},
+    "vit_rpb_base": {"model": "vitrpb_base", "model_ema": True, "warmup_epochs": 50},
+    "dinat_large": {"model": "dinat_large", **FINE_TUNE, "weight_decay": 1e-4},
+    "dinat_s_large": {"model": "dinat_s_large", **FINE_TUNE, "weight_decay": 1e-4},
+    "dinat_large_384": {
+        "model": "dinat_large_384",
+        **FINE_TUNE,
+        "weight_decay": 1e-10,
+        "img_size": 384,
+        "crop_pct": 1.0,
+    },
+    "dinat_s_large_384": {
+        "model": "dinat_s_large_384",
+        **FINE_TUNE,
+        "weight_decay": 1e-5,
+        "img_size": 384,
+        "crop_pct": 1.0,
+    },
+}
+
+
+def test_the_original_configs_are_all_there():
+    originals = sorted(p.stem for p in CONFIGS.glob("*.yml") if p.stem != "demo_digits")
+    assert originals == sorted(EXPECTED) and len(originals) == 21
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yml")), ids=lambda p: p.stem)
+def test_every_config_parses_and_names_a_registered_model(path):
+    cfg = make_config(config_file=path)
+    assert timm.is_model(cfg.model)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_values_equal_the_recipe(name):
+    cfg = make_config(config_file=CONFIGS / f"{name}.yml")
+    for key, value in {**RECIPE, **EXPECTED[name]}.items():
+        got = getattr(cfg, key)
+        assert got == (pytest.approx(value) if isinstance(value, (float, tuple)) else value), (name, key)
+    assert cfg.schedule_epochs() == cfg.epochs + cfg.cooldown_epochs
+
+
+def test_defaults_are_the_recipe():
+    cfg = Config()
+    for key, value in RECIPE.items():
+        assert getattr(cfg, key) == (pytest.approx(value) if isinstance(value, (float, tuple)) else value), key
+
+
+def test_unknown_key_is_a_clear_error_with_suggestions(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("model: dinat_mini\nwarmup_epoch: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'warmup_epoch'.*'warmup_epochs'"):
+        make_config(config_file=bad)
+    with pytest.raises(ConfigError, match=r"'weight_decay'"):
+        make_config({"wieght_decay": 0.1})
+
+
+def test_unknown_model_is_a_clear_error_with_suggestions():
+    with pytest.raises(ConfigError, match=r"unknown model 'dinat_minni'.*'dinat_mini'"):
+        make_config({"model": "dinat_minni"})
+    with pytest.raises(ConfigError, match="unknown scheduler 'cosin'.*'cosine'"):
+        make_config({"sched": "cosin"})
+
+
+def test_command_line_overrides_the_file(tmp_path):
+    from dinat.train import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["-c", str(CONFIGS / "dinat_mini.yml"), "data", "--lr", "3e-4", "--no-amp", "--scale", "0.5", "1.0"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.model, cfg.lr, cfg.amp, cfg.scale, cfg.warmup_epochs) == ("dinat_mini", 3e-4, False, (0.5, 1.0), 20)
+
+
+def test_cli_reports_config_errors(capsys):
+    from dinat.cli import main
+
+    assert main(["train", "--dataset", "digits", "--model", "dinat_nanoo"]) == 2
+    assert "did you mean 'dinat_nano'" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""Data: folders, the embedded digits, bad data (missing, empty, corrupt, truncated, non-image,
+grayscale / RGBA), and the per-sample seeding that makes runs resumable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _train_utils import MODEL, TINY, write_pngs
+from dinat import train
+from dinat.config import make_config
+from dinat.data import DataError, Digits, ImageFolder, build_datasets, build_eval_dataset
+
+
+def folder_config(root, **kw):
+    return make_config({"data_dir": str(root), "img_size": 16, "crop_pct": 1.0, **kw}, check_model=False)
+
+
+def test_folders_with_val_or_validation(tmp_path):
+    write_pngs(tmp_path, classes=3, per_class=2, splits=("train", "validation"))
+    train_set, val_set, classes = build_datasets(folder_config(tmp_path))
+    assert (len(train_set), len(val_set), classes) == (6, 6, 3)
+    x, y = train_set[0]
+    assert x.shape == (3, 16, 16) and y == 0
+
+
+def test_digits_split_is_deterministic_and_complete():
+    train_set, val_set = Digits("train"), Digits("val")
+    assert (len(train_set), len(val_set)) == (1437, 360)
+    assert sorted(set(val_set.targets)) == list(range(10))
+    img, _ = train_set[0]
+    assert img.mode == "RGB" and img.size == (8, 8)
+    assert np.array_equal(Digits("val").images, val_set.images)
+    cfg = make_config({"dataset": "digits", "img_size": 32, "crop_pct": 1.0}, check_model=False)
+    _, val, classes = build_datasets(cfg)
+    assert classes == 10 and val[0][0].shape == (3, 32, 32)
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data directory not found: .*nowhere"):
+        build_datasets(folder_config(tmp_path / "nowhere"))
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "a" / "x.png")
+    with pytest.raises(DataError, match="has no val/ or validation/ folder"):
+        build_datasets(folder_config(tmp_path))
+
+
+def test_empty_class_folder_is_a_clear_error(tmp_path):
+    write_pngs(tmp_path, per_class=2)
+    (tmp_path / "train" / "class_9").mkdir()
+    (tmp_path / "train" / "class_9" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="class folder .*class_9 has no images"):
+        build_datasets(folder_config(tmp_path))
+
+
+def test_non_image_files_are_ignored_and_gray_rgba_converted(tmp_path):
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text("hello")
+    (folder / "labels.csv").write_text("1,2")
+    Image.new("L", (5, 5), 128).save(folder / "gray.png")
+    Image.new("RGBA", (5, 5), (10, 20, 30, 0)).save(folder / "rgba.png")
+    Image.new("P", (5, 5)).save(folder / "palette.gif")
+    Image.new("CMYK", (5, 5)).save(folder / "cmyk.jpg")
+    ds = ImageFolder(tmp_path / "train")
+    assert len(ds) == 4
+    for i in range(4):
+        img, target = ds[i]
+        assert img.mode == "RGB" and target == 0
+
+
+def make_bad_images(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    buf = folder / "whole.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf)
+    data = buf.read_bytes()
+    buf.unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_and_truncated_images_name_the_file(tmp_path):
+    write_pngs(tmp_path, per_class=2)
+    make_bad_images(tmp_path / "train" / "class_0")
+    ds = ImageFolder(tmp_path / "train")
+    names = [p.split("/")[-1] for p, _ in ds.samples]
+    for bad in ("corrupt.png", "truncated.jpg"):
+        with pytest.raises(DataError, match=rf"cannot read image .*{bad}.*--skip-bad-images"):
+            ds[names.index(bad)]
+
+
+def test_skip_bad_images_warns_with_a_count(tmp_path):
+    write_pngs(tmp_path, per_class=2)
+    make_bad_images(tmp_path / "train" / "class_0")
+    with pytest.warns(UserWarning) as record:
+        ds = ImageFolder(tmp_path / "train", skip_bad_images=True)
+    messages = [str(w.message) for w in record]
+    assert any("skipped 2 bad image(s) of 6" in m for m in messages)
+    assert any("corrupt.png" in m for m in messages) and any("truncated.jpg" in m for m in messages)
+    assert len(ds) == 4 and all(ds[i][0].mode == "RGB" for i in range(4))
+
+
+@pytest.mark.slow
+def test_training_on_a_bad_image_fails_naming_it_or_skips_it(tmp_path, capsys):
+    write_pngs(tmp_path, per_class=4)
+    make_bad_images(tmp_path / "train" / "class_1")
+    args = [str(tmp_path), *TINY, "--epochs", "1", "--output", str(tmp_path / "out")]
+    with pytest.raises(DataError, match=r"cannot read image .*(corrupt\.png|truncated\.jpg)"):
+        train.main(args)
+    with pytest.warns(UserWarning, match="skipped 2 bad image"):
+        summary = train.main([*args, "--skip-bad-images"])
+    assert summary["epoch"] == 1
+
+
+def test_cli_reports_data_errors(tmp_path, capsys):
+    from dinat.cli import main
+
+    assert main(["train", str(tmp_path / "missing"), "--model", MODEL]) == 2
+    assert "data directory not found" in capsys.readouterr().err
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
+    """The same sample gets the same augmentation whatever came before it (resume, workers, ranks)."""
+    write_pngs(tmp_path, per_class=2, size=24)
+    cfg = folder_config(tmp_path)
+    train_set, _, _ = build_datasets(cfg)
+    first = train_set[3][0]
+    torch.rand(5), np.random.rand(3)  # other draws in between change nothing
+    state = torch.get_rng_state()
+    assert torch.equal(train_set[3][0], first)
+    assert torch.equal(torch.get_rng_state(), state), "augmenting must not move the global RNG"
+    train_set.epoch = 1
+    assert not torch.equal(train_set[3][0], first)
+
+
+def test_validate_without_split_folders(tmp_path):
+    write_pngs(tmp_path, per_class=2, splits=("flat",))
+    ds, classes = build_eval_dataset(folder_config(tmp_path / "flat"))
+    assert (len(ds), classes) == (4, 2)

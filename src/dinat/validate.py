@@ -153,6 +153,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--amp-dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--results-file", help="write the results as JSON here")
     return p
 
@@ -161,21 +162,12 @@ def main(argv=None) -> dict:
     from .data import build_eval_dataset, eval_loader
 
     args = build_parser().parse_args(argv)
-    cfg = make_config(
-        dict(
-            model=args.model,
-            data_dir=args.data_dir,
-            dataset=args.dataset,
-            val_split=args.split,
-            img_size=args.img_size,
-            crop_pct=args.crop_pct,
-            interpolation=args.interpolation,
-            batch_size=args.batch_size,
-            workers=args.workers,
-        )
-    )
+    shared = ("model", "data_dir", "dataset", "img_size", "crop_pct", "interpolation", "batch_size", "workers")
+    cfg = make_config({**{k: getattr(args, k) for k in shared}, "val_split": args.split})
     dataset, data_classes = build_eval_dataset(cfg)
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = create_model(
         args.model,
         args.num_classes or (None if args.pretrained else data_classes),

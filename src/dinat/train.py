@@ -32,19 +32,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 from tqdm import tqdm
 
+from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
 from .config import Config, add_config_arguments, as_dict, config_from_args
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
 from .validate import autocast_and_scaler, create_model, evaluate, load_weights, pick_device
-
-try:  # atomic save (temp file + os.replace) from the checkpoints module, when present
-    from .checkpoints import save_checkpoint as save_atomic
-except ImportError:  # pragma: no cover - fallback for trees without it
-
-    def save_atomic(obj, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
 
 
 class TrainingDiverged(RuntimeError):

@@ -2,8 +2,8 @@
 
 Everything is timed in one process with the same threads and batch; candidates are interleaved
 (one repeat of each in turn) and summarised by medians, so the ratios stay meaningful on a noisy
-machine. Peak training memory is measured per model in a fresh subprocess (peak RSS growth over one
-training step), since the CPU allocator keeps no per-model statistics.
+machine. Peak training memory is measured per model in a fresh subprocess (growth of peak RSS over one
+training step, Linux only), since the CPU allocator keeps no per-model statistics.
 
 (a) ``op``: the attention at the shapes of every DiNAT-Mini level (batch B, head dim 32, kernel 7),
     forward and forward+backward, for the automatic backend, the reference, Swin's window attention
@@ -35,17 +35,27 @@ DINAT_MINI_LEVELS = [(56, 2, (1, 8)), (28, 4, (1, 4)), (14, 8, (1, 2)), (7, 16, 
 OURS = ["dinat_mini", "dinat_s_tiny", "dinat_isotropic_small"]
 YARDSTICKS = ["swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224"]
 WINDOW = 7
+CPU = torch.device("cpu")
 
 
-def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    candidates: dict[str, Callable[[], object]], repeats: int, device: torch.device = CPU
+) -> dict[str, float]:
     """Median seconds of each candidate, timed round-robin after one warm-up call each."""
     for fn in candidates.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            _sync(device)
             start = time.perf_counter()
             fn()
+            _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -79,14 +89,17 @@ def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return step
 
 
-def op_rows(batch: int, repeats: int, include_reference: bool) -> list[dict]:
+def op_rows(batch: int, repeats: int, include_reference: bool, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
     for size, heads, dilations in DINAT_MINI_LEVELS:
         for dilation in dilations:
             gen = torch.Generator().manual_seed(0)
-            q, k, v = (torch.randn(batch, size, size, heads, 32, generator=gen).requires_grad_() for _ in range(3))
-            rpb = (torch.randn(heads, 13, 13, generator=gen) * 0.02).requires_grad_()
-            bias = (torch.randn(heads, 49, 49, generator=gen) * 0.02).requires_grad_()
+
+            def make(*shape, std=1.0, gen=gen):
+                return (torch.randn(*shape, generator=gen) * std).to(device, dtype).requires_grad_()
+
+            q, k, v = (make(batch, size, size, heads, 32) for _ in range(3))
+            rpb, bias = make(heads, 13, 13, std=0.02), make(heads, 49, 49, std=0.02)
             forwards = {
                 "fast": lambda q=q, k=k, v=v, rpb=rpb, d=dilation: na2d(q, k, v, 7, d, rpb),
                 "window": lambda q=q, k=k, v=v, bias=bias: window_attention(q, k, v, bias),
@@ -100,8 +113,8 @@ def op_rows(batch: int, repeats: int, include_reference: bool) -> list[dict]:
 
                 forwards["reference"] = reference
             with torch.no_grad():
-                fwd = interleaved_medians(forwards, repeats)
-            both = interleaved_medians({n: _with_backward(f) for n, f in forwards.items()}, repeats)
+                fwd = interleaved_medians(forwards, repeats, device)
+            both = interleaved_medians({n: _with_backward(f) for n, f in forwards.items()}, repeats, device)
             row = {"shape": f"{size}x{size} h{heads} d{dilation}", "backend": current_backend(q)}
             for name in forwards:
                 row[f"{name}_fwd_ms"] = fwd[name] * 1e3
@@ -125,28 +138,50 @@ def _build(name: str):
     return timm.create_model(name)
 
 
-def peak_train_memory_mb(name: str, batch: int, threads: int) -> float:
-    """Peak RSS growth (MiB) over one training step, measured in a fresh process."""
+def peak_train_memory_mb(name: str, batch: int, threads: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Peak memory (MiB) one training step (forward and backward) adds to the model, measured in a
+    fresh process: on the CPU the growth of peak RSS (Linux's VmHWM, reset just before the step),
+    on CUDA the growth of peak allocated memory."""
+    if device.type == "cuda":
+        model = _build(name).to(device).train()
+        images = torch.randn(batch, 3, 224, 224, device=device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            model(images).float().logsumexp(-1).mean().backward()
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del model, images
+        torch.cuda.empty_cache()
+        return peak / 2**20
     code = (
-        "import resource, sys, torch, dinat.bench as b\n"
+        "import re, torch, dinat.bench as b\n"
+        "def rss(field):\n"
+        "    return int(re.search(field + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
         f"torch.set_num_threads({threads}); torch.manual_seed(0)\n"
         f"m = b._build({name!r}).train(); x = torch.randn({batch}, 3, 224, 224)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m(x[:1]).sum().backward(); m.zero_grad(set_to_none=True)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # restart the peak-RSS count here\n"
+        "before = rss('VmRSS')\n"
         "m(x).logsumexp(-1).mean().backward()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print((rss('VmHWM') - before) / 1024)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def model_rows(names: list[str], batch: int, repeats: int, threads: int) -> list[dict]:
+def model_rows(
+    names: list[str], batch: int, repeats: int, threads: int, device: torch.device, dtype: torch.dtype
+) -> list[dict]:
     torch.manual_seed(0)
-    built = {name: _build(name) for name in names}
-    images = torch.randn(batch, 3, 224, 224)
+    built = {name: _build(name).to(device) for name in names}
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    targets = torch.zeros(batch, dtype=torch.long, device=device)
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def inference(model):
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(**autocast):
                 model(images)
 
         return run
@@ -155,7 +190,8 @@ def model_rows(names: list[str], batch: int, repeats: int, threads: int) -> list
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def run():
-            loss = F.cross_entropy(model(images), torch.zeros(batch, dtype=torch.long))
+            with torch.autocast(**autocast):
+                loss = F.cross_entropy(model(images).float(), targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -164,10 +200,11 @@ def model_rows(names: list[str], batch: int, repeats: int, threads: int) -> list
 
     for model in built.values():
         model.eval()
-    infer = interleaved_medians({n: inference(m) for n, m in built.items()}, repeats)
+    infer = interleaved_medians({n: inference(m) for n, m in built.items()}, repeats, device)
     for model in built.values():
         model.train()
-    train = interleaved_medians({n: train_step(m) for n, m in built.items()}, max(3, repeats // 2))
+    train = interleaved_medians({n: train_step(m) for n, m in built.items()}, max(3, repeats // 2), device)
+    del built
     rows = []
     for name in names:
         rows.append(
@@ -175,7 +212,7 @@ def model_rows(names: list[str], batch: int, repeats: int, threads: int) -> list
                 "model": name,
                 "infer_img_s": batch / infer[name],
                 "train_img_s": batch / train[name],
-                "train_peak_mem_mb": peak_train_memory_mb(name, batch, threads),
+                "train_peak_mem_mb": peak_train_memory_mb(name, batch, threads, device, dtype),
             }
         )
     base = next((r for r in rows if r["model"] == YARDSTICKS[0]), None)
@@ -204,7 +241,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", default=OURS + YARDSTICKS)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference op")
     parser.add_argument("--output", type=Path, default=Path("bench_results"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="op tensors' dtype; models run under autocast in it (CUDA)",
+    )
     args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
     if args.batch < 1 or args.threads < 1 or args.repeats < 1:
         parser.error(f"--batch, --threads, --repeats must be >= 1, got {args.batch}, {args.threads}, {args.repeats}")
     torch.set_num_threads(args.threads)
@@ -213,13 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "threads": args.threads,
         "batch": args.batch,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": args.dtype,
     }
     if args.suite in ("op", "all"):
         print(f"op: DiNAT-Mini level shapes, batch {args.batch}, head dim 32, kernel 7, {args.threads} threads")
-        results["op"] = op_rows(args.batch, args.repeats, not args.no_reference)
+        results["op"] = op_rows(args.batch, args.repeats, not args.no_reference, device, dtype)
     if args.suite in ("model", "all"):
-        print(f"model: 224 px, batch {args.batch}, float32, {args.threads} threads", flush=True)
-        results["model"] = model_rows(args.models, args.batch, args.repeats, args.threads)
+        print(f"model: 224 px, batch {args.batch}, {args.dtype}, {args.threads} threads", flush=True)
+        results["model"] = model_rows(args.models, args.batch, args.repeats, args.threads, device, dtype)
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "bench.json"
     path.write_text(json.dumps(results, indent=2))

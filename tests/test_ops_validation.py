@@ -96,3 +96,25 @@ def test_module_attention_dropout_path_matches_fused() -> None:
     torch.testing.assert_close(layer(x), fused)
     layer.attn_drop.p = 0.5
     assert not torch.allclose(layer(x), fused)
+
+
+def test_integral_arguments_of_any_int_type() -> None:
+    q, k, _ = _qkv()
+    expected = na2d_qk(q, k, 3, 2)
+    torch.testing.assert_close(na2d_qk(q, k, torch.tensor(3).item(), [2, 2]), expected)
+    numpy = pytest.importorskip("numpy")
+    torch.testing.assert_close(na2d_qk(q, k, numpy.int64(3), (numpy.int32(2), 2)), expected)
+
+
+def test_falls_back_to_reference_without_kernels(monkeypatch) -> None:
+    """Where the C kernels could not be built, CPU tensors run on the reference and stay exact."""
+    from dinat.ops import cpu, current_backend
+
+    q, k, v = (t.permute(0, 2, 3, 1, 4) for t in _qkv())
+    expected = na2d(q, k, v, 3, 2)
+    monkeypatch.setattr(cpu, "_loaded", lambda: False)
+    assert current_backend(q) == "reference"
+    torch.testing.assert_close(na2d(q, k, v, 3, 2), expected)
+    with pytest.raises(RuntimeError, match="the cpu backend is unavailable"):
+        with use_backend("cpu"):
+            na2d(q, k, v, 3, 2)

@@ -13,6 +13,7 @@ Every entry point validates its arguments once, normalises ``kernel_size`` / ``d
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from collections.abc import Iterator
 from typing import Literal
@@ -66,17 +67,15 @@ def _backend_for(x: Tensor):
     return reference
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def as_pair(value: IntOrPair, name: str) -> Pair:
     """An int or a 2-sequence of ints as an (h, w) pair; anything else is a ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    if (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
+    if _is_int(value):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
         return (int(value[0]), int(value[1]))
     raise ValueError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
 

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--suite", choices=["op", "model", "all"], default="all")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--models", nargs="+", default=OURS + YARDSTICKS)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference op")
     parser.add_argument("--output", type=Path, default=Path("bench_results"))

@@ -65,6 +65,9 @@ static int64_t make_chunks(const int64_t *colstart, int64_t W, chunk_t *chunks) 
     return count;
 }
 
+/* What the dot-product kernels do with a chunk's kh*kw dot products before storing them. */
+enum { STORE_DOTS, SOFTMAX, SOFTMAX_BACKWARD };
+
 #define T float
 #define SUFFIX f32
 #define IS_FLOAT 1

@@ -76,99 +76,82 @@ static inline void NAME(chunk_dots)(const VEC *q, const T *Bn, const chunk_t *ch
     }
 }
 
-/* Fused logits and softmax: out[n,i,ab,j] = softmax_ab(scale * A.B(nbr) + rpb[h, row, col]) with
- * h = n % heads; rpb (heads, 2kh-1, 2kw-1) or NULL. rowoff[i] / coloff[j] are the rpb row / column of
- * neighbor 0 of query row i / column j. */
-void NAME(na_attend)(const T *A, const T *B, const T *rpb, int64_t heads, double scale, const int64_t *rowoff,
-                     const int64_t *coloff, T *out, GEOMETRY_ARGS) {
+typedef struct {
+    const T *rpb;                   /* SOFTMAX: (heads, 2kh-1, 2kw-1) or NULL */
+    int64_t heads;                  /* SOFTMAX: head of slab n is n % heads */
+    double scale;                   /* SOFTMAX: multiplies the dot products */
+    const int64_t *rowoff, *coloff; /* SOFTMAX: rpb row / column of neighbor 0 of each query row / column */
+    const T *P;                     /* SOFTMAX_BACKWARD: the attention (weights layout) */
+} NAME(epilogue_t);
+
+/* out[n,i,ab,j] = f(sum_c A[n,c,i,j] * B[n,c,nbr(i,j,ab)]) with f chosen by mode:
+ *   STORE_DOTS:       the dot products themselves;
+ *   SOFTMAX:          softmax over ab of scale * dots + rpb[n % heads, row, col];
+ *   SOFTMAX_BACKWARD: P * (dots - sum_ab P * dots), the logits' gradient when A is the output's
+ *                     gradient and B is v. */
+static void NAME(dot_kernel)(const T *A, const T *B, T *out, int mode, const NAME(epilogue_t) * ep, GEOMETRY_ARGS) {
     const int64_t HW = H * W, KK = kh * kw, RW = 2 * kw - 1, RS = (2 * kh - 1) * RW;
+    const T scale = mode == SOFTMAX ? (T)ep->scale : (T)1;
     chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
     const int64_t nchunks = make_chunks(colstart, W, chunks);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t i = 0; i < H; i++) {
             VEC *q = NAME(alloc_vectors)(C);
-            VEC *logit = NAME(alloc_vectors)(KK);
-            const T *rpb_h = rpb ? rpb + (n % heads) * RS : NULL;
+            VEC *dots = NAME(alloc_vectors)(KK);
+            const T *rpb_h = mode == SOFTMAX && ep->rpb ? ep->rpb + (n % ep->heads) * RS : NULL;
             for (int64_t s = 0; s < nchunks; s++) {
                 const chunk_t *ch = &chunks[s];
-                for (int64_t c = 0; c < C; c++) q[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0) * (T)scale;
-                NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], logit);
-                if (rpb_h)
-                    for (int64_t a = 0; a < kh; a++)
-                        for (int64_t b = 0; b < kw; b++)
-                            for (int64_t u = 0; u < VL; u++)
-                                logit[a * kw + b][u] += rpb_h[(rowoff[i] + a) * RW + coloff[ch->j0 + (u < ch->len ? u : 0)] + b];
-                VEC top = logit[0];
-                for (int64_t ab = 1; ab < KK; ab++)
-                    for (int64_t u = 0; u < VL; u++) top[u] = logit[ab][u] > top[u] ? logit[ab][u] : top[u];
-                VEC total = {0};
-                for (int64_t ab = 0; ab < KK; ab++) {
-                    logit[ab] = NAME(exp_nonpositive)(logit[ab] - top);
-                    total += logit[ab];
+                for (int64_t c = 0; c < C; c++) q[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0) * scale;
+                NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], dots);
+                T *o = out + (n * H + i) * KK * W + ch->j0;
+                if (mode == SOFTMAX) {
+                    if (rpb_h)
+                        for (int64_t a = 0; a < kh; a++)
+                            for (int64_t b = 0; b < kw; b++)
+                                for (int64_t u = 0; u < VL; u++)
+                                    dots[a * kw + b][u] +=
+                                        rpb_h[(ep->rowoff[i] + a) * RW + ep->coloff[ch->j0 + (u < ch->len ? u : 0)] + b];
+                    VEC top = dots[0];
+                    for (int64_t ab = 1; ab < KK; ab++)
+                        for (int64_t u = 0; u < VL; u++) top[u] = dots[ab][u] > top[u] ? dots[ab][u] : top[u];
+                    VEC total = {0};
+                    for (int64_t ab = 0; ab < KK; ab++) {
+                        dots[ab] = NAME(exp_nonpositive)(dots[ab] - top);
+                        total += dots[ab];
+                    }
+                    const VEC inverse = 1 / total;
+                    for (int64_t ab = 0; ab < KK; ab++) dots[ab] *= inverse;
+                } else if (mode == SOFTMAX_BACKWARD) {
+                    const T *p = ep->P + (n * H + i) * KK * W + ch->j0;
+                    VEC total = {0};
+                    for (int64_t ab = 0; ab < KK; ab++) total += NAME(load)(p + ab * W) * dots[ab];
+                    for (int64_t ab = 0; ab < KK; ab++) dots[ab] = NAME(load)(p + ab * W) * (dots[ab] - total);
                 }
-                const VEC inverse = 1 / total;
-                T *o = out + (n * H + i) * KK * W + ch->j0;
-                for (int64_t ab = 0; ab < KK; ab++) NAME(store)(o + ab * W, logit[ab] * inverse, ch->len);
+                for (int64_t ab = 0; ab < KK; ab++) NAME(store)(o + ab * W, dots[ab], ch->len);
             }
-            free(logit);
+            free(dots);
             free(q);
-        }
-    }
-    free(chunks);
-}
-
-/* Backward of softmax(logits) followed by a weighted sum of V, fused: with dP = dO.V(nbr),
- * out = P * (dP - sum_ab P * dP), the gradient of the logits. dO (A) and V (B) are features,
- * P is weights. */
-void NAME(na_attend_backward)(const T *A, const T *B, const T *P, T *out, GEOMETRY_ARGS) {
-    const int64_t HW = H * W, KK = kh * kw;
-    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
-    const int64_t nchunks = make_chunks(colstart, W, chunks);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t i = 0; i < H; i++) {
-            VEC *g = NAME(alloc_vectors)(C);
-            VEC *grad = NAME(alloc_vectors)(KK);
-            for (int64_t s = 0; s < nchunks; s++) {
-                const chunk_t *ch = &chunks[s];
-                for (int64_t c = 0; c < C; c++) g[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0);
-                NAME(chunk_dots)(g, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], grad);
-                const T *p = P + (n * H + i) * KK * W + ch->j0;
-                VEC total = {0};
-                for (int64_t ab = 0; ab < KK; ab++) total += NAME(load)(p + ab * W) * grad[ab];
-                T *o = out + (n * H + i) * KK * W + ch->j0;
-                for (int64_t ab = 0; ab < KK; ab++)
-                    NAME(store)(o + ab * W, NAME(load)(p + ab * W) * (grad[ab] - total), ch->len);
-            }
-            free(grad);
-            free(g);
         }
     }
     free(chunks);
 }
 
 void NAME(na_dot)(const T *A, const T *B, T *out, GEOMETRY_ARGS) {
-    const int64_t HW = H * W, KK = kh * kw;
-    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
-    const int64_t nchunks = make_chunks(colstart, W, chunks);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t i = 0; i < H; i++) {
-            VEC *q = NAME(alloc_vectors)(C);
-            VEC *logit = NAME(alloc_vectors)(KK);
-            for (int64_t s = 0; s < nchunks; s++) {
-                const chunk_t *ch = &chunks[s];
-                for (int64_t c = 0; c < C; c++) q[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0);
-                NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], logit);
-                T *o = out + (n * H + i) * KK * W + ch->j0;
-                for (int64_t ab = 0; ab < KK; ab++) NAME(store)(o + ab * W, logit[ab], ch->len);
-            }
-            free(logit);
-            free(q);
-        }
-    }
-    free(chunks);
+    NAME(dot_kernel)(A, B, out, STORE_DOTS, NULL, N, C, H, W, kh, kw, dh, dw, rowstart, colstart, nthreads);
+}
+
+/* Fused logits and softmax; see dot_kernel's SOFTMAX. rpb may be NULL. */
+void NAME(na_attend)(const T *A, const T *B, const T *rpb, int64_t heads, double scale, const int64_t *rowoff,
+                     const int64_t *coloff, T *out, GEOMETRY_ARGS) {
+    const NAME(epilogue_t) ep = {rpb, heads, scale, rowoff, coloff, NULL};
+    NAME(dot_kernel)(A, B, out, SOFTMAX, &ep, N, C, H, W, kh, kw, dh, dw, rowstart, colstart, nthreads);
+}
+
+/* The logits' gradient of softmax-then-weighted-sum; see dot_kernel's SOFTMAX_BACKWARD. */
+void NAME(na_attend_backward)(const T *A, const T *B, const T *P, T *out, GEOMETRY_ARGS) {
+    const NAME(epilogue_t) ep = {NULL, 1, 1.0, NULL, NULL, P};
+    NAME(dot_kernel)(A, B, out, SOFTMAX_BACKWARD, &ep, N, C, H, W, kh, kw, dh, dw, rowstart, colstart, nthreads);
 }
 
 void NAME(na_weighted_sum)(const T *P, const T *B, T *out, GEOMETRY_ARGS) {

@@ -25,5 +25,5 @@ bench: $(STAMP)
 	$(PY) -m dinat.cli bench --output bench_results
 
 lint: $(STAMP)
-	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/ruff check src tests
+	.venv/bin/ruff format --check src tests

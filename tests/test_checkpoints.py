@@ -73,9 +73,7 @@ def test_create_model_checkpoint_path(source, tmp_path) -> None:
 
 def test_pretrained_new_head(source, tmp_path) -> None:
     path = _write("bare", source[0], tmp_path)
-    model = timm.create_model(
-        "dinat_mini", pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=path)
-    )
+    model = timm.create_model("dinat_mini", pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=path))
     assert model.get_classifier().out_features == 5
     torch.testing.assert_close(model.levels[0].blocks[0].attn.rpb, source[0]["levels.0.blocks.0.attn.rpb"])
 

@@ -147,3 +147,12 @@ def test_torch_compile_without_graph_breaks() -> None:
         expected = torch.autograd.grad(eager.sum(), [q, k, v, rpb])
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+
+def test_double_backward_of_unfused_ops() -> None:
+    """The unfused ops' gradients are themselves made of differentiable kernels."""
+    q, k, _, rpb = _inputs((1, 2, 6, 7, 3), (3, 3), True, 1)
+    attn = torch.randn(1, 2, 6, 7, 9, dtype=torch.float64).softmax(-1).requires_grad_()
+    with use_backend("cpu"):
+        assert torch.autograd.gradgradcheck(lambda q, k, r: na2d_qk(q, k, 3, (2, 1), r), [q, k, rpb])
+        assert torch.autograd.gradgradcheck(lambda a, v: na2d_av(a, v, 3, (2, 1)), [attn, k])

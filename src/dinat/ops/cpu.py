@@ -1,10 +1,12 @@
 """The CPU backend: vectorised C kernels (``csrc/na_cpu.c``) behind ``torch.library`` custom ops.
 
 The kernels work on channel-major layouts (features (N, C, H, W), weights (N, H, kh*kw, W)), so
-this module permutes in and out once per call. Three primitive ops are closed under
-differentiation (the gradient of each is made of the other two), so forward, backward and double
-backward all run on the kernels, and ``torch.compile`` sees opaque custom ops with fake
-implementations (no graph breaks). float32 and float64 run natively; other dtypes (bfloat16 under
+this module permutes in and out once per call. The unfused ops use three primitives that are closed
+under differentiation (the gradient of each is made of the other two: double backward works too);
+the fused ``na2d`` is one op (logits, rpb, softmax, weighted sum) whose backward has its own fused
+softmax-gradient kernel. ``torch.compile`` sees opaque custom ops with fake implementations (no
+graph breaks). When H == kh*dh and W == kw*dw every dilation group is one whole window, and the
+fused op runs as batched matmuls instead. float32 and float64 run natively; other dtypes (bfloat16 under
 autocast) are computed in float32 and cast back.
 """
 

@@ -1,0 +1,26 @@
+"""`dinat bench` runs end to end (a smoke test at tiny sizes; the figures live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dinat import bench
+
+
+def test_bench_runs_and_writes_json(tmp_path, capsys) -> None:
+    argv = ["--suite", "all", "--batch", "1", "--repeats", "1", "--no-reference", "--threads", "1"]
+    results = bench.main([*argv, "--models", "dinat_nano", "--output", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["op"] == results["op"] and len(saved["op"]) == 7
+    for row in saved["op"]:
+        assert row["fast_fwd_ms"] > 0 and row["window_fwdbwd_ms"] > 0 and row["backend"] == "cpu"
+    (model,) = saved["model"]
+    assert model["model"] == "dinat_nano" and model["infer_img_s"] > 0 and model["train_peak_mem_mb"] >= 0
+    assert "fast_fwd_vs_window" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--batch", "0"])

@@ -19,10 +19,17 @@ class OptionalBuildExt(build_ext):
             print(f"dinat: CPU kernels not built ({err}); the PyTorch fallback will be used", file=sys.stderr)
 
     def build_extension(self, ext: Extension) -> None:
-        try:
-            super().build_extension(ext)
-        except Exception as err:  # noqa: BLE001
-            print(f"dinat: CPU kernels not built ({err}); the PyTorch fallback will be used", file=sys.stderr)
+        """Build with OpenMP (multi-threaded kernels), else without it (one thread), else give up."""
+        for openmp in (True, False):
+            if not openmp:
+                ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-fopenmp"]
+                ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
+            try:
+                super().build_extension(ext)
+                return
+            except Exception as err:  # noqa: BLE001 - any build failure must leave a working install
+                print(f"dinat: CPU kernels not built with OpenMP={openmp} ({err})", file=sys.stderr)
+        print("dinat: the PyTorch fallback will be used on the CPU", file=sys.stderr)
 
     def get_export_symbols(self, ext: Extension) -> list[str]:
         return []  # loaded with ctypes, not imported: no PyInit_ symbol

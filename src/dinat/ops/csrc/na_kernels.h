@@ -106,12 +106,17 @@ static void NAME(dot_kernel)(const T *A, const T *B, T *out, int mode, const NAM
                 NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], dots);
                 T *o = out + (n * H + i) * KK * W + ch->j0;
                 if (mode == SOFTMAX) {
-                    if (rpb_h)
+                    if (rpb_h && ch->shift) { /* the queries' keys all sit at the same offsets: one bias each */
+                        const T *bias = rpb_h + ep->rowoff[i] * RW + ep->coloff[ch->j0];
+                        for (int64_t a = 0; a < kh; a++)
+                            for (int64_t b = 0; b < kw; b++) dots[a * kw + b] += bias[a * RW + b];
+                    } else if (rpb_h) {
                         for (int64_t a = 0; a < kh; a++)
                             for (int64_t b = 0; b < kw; b++)
                                 for (int64_t u = 0; u < VL; u++)
                                     dots[a * kw + b][u] +=
                                         rpb_h[(ep->rowoff[i] + a) * RW + ep->coloff[ch->j0 + (u < ch->len ? u : 0)] + b];
+                    }
                     VEC top = dots[0];
                     for (int64_t ab = 1; ab < KK; ab++)
                         for (int64_t u = 0; u < VL; u++) top[u] = dots[ab][u] > top[u] ? dots[ab][u] : top[u];

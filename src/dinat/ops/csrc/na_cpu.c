@@ -28,6 +28,8 @@
 #define VL 8
 /* Neighbors (dot) or channels (weighted_sum, scatter) accumulated together per pass. */
 #define BLOCK 4
+/* Channels a key-gradient pass accumulates together (its weights are reloaded per pass). */
+#define SCATTER_BLOCK 8
 
 typedef struct {
     int64_t j0;    /* first query column of the chunk */

@@ -60,18 +60,18 @@ static inline void NAME(chunk_dots)(const VEC *q, const T *Bn, const chunk_t *ch
                                     int64_t col0, VEC *logit) {
     for (int64_t a = 0; a < kh; a++) {
         const T *rowk = Bn + (row0 + a * dh) * W + col0;
-        for (int64_t b0 = 0; b0 < kw; b0 += BLOCK) {
-            int64_t offset[BLOCK]; /* past kw, repeat the last neighbor (not kept) */
-            for (int64_t x = 0; x < BLOCK; x++) offset[x] = (b0 + x < kw ? b0 + x : kw - 1) * dw;
-            VEC acc[BLOCK] = {{0}};
+        for (int64_t b0 = 0; b0 < kw; b0 += NEIGHBOR_BLOCK) {
+            int64_t offset[NEIGHBOR_BLOCK]; /* past kw, repeat the last neighbor (not kept) */
+            for (int64_t x = 0; x < NEIGHBOR_BLOCK; x++) offset[x] = (b0 + x < kw ? b0 + x : kw - 1) * dw;
+            VEC acc[NEIGHBOR_BLOCK] = {{0}};
             if (ch->shift) {
                 for (int64_t c = 0; c < C; c++)
-                    for (int64_t x = 0; x < BLOCK; x++) acc[x] += q[c] * NAME(load)(rowk + c * HW + offset[x]);
+                    for (int64_t x = 0; x < NEIGHBOR_BLOCK; x++) acc[x] += q[c] * NAME(load)(rowk + c * HW + offset[x]);
             } else {
                 for (int64_t c = 0; c < C; c++)
-                    for (int64_t x = 0; x < BLOCK; x++) acc[x] += q[c] * rowk[c * HW + offset[x]];
+                    for (int64_t x = 0; x < NEIGHBOR_BLOCK; x++) acc[x] += q[c] * rowk[c * HW + offset[x]];
             }
-            for (int64_t x = 0; x < BLOCK && b0 + x < kw; x++) logit[a * kw + b0 + x] = acc[x];
+            for (int64_t x = 0; x < NEIGHBOR_BLOCK && b0 + x < kw; x++) logit[a * kw + b0 + x] = acc[x];
         }
     }
 }
@@ -171,23 +171,23 @@ void NAME(na_weighted_sum)(const T *P, const T *B, T *out, GEOMETRY_ARGS) {
             for (int64_t s = 0; s < nchunks; s++) {
                 const chunk_t *ch = &chunks[s];
                 for (int64_t ab = 0; ab < KK; ab++) p[ab] = NAME(load)(Pi + ab * W + ch->j0);
-                for (int64_t c0 = 0; c0 < C; c0 += BLOCK) {
-                    int64_t plane[BLOCK]; /* past C, repeat the last channel (not stored) */
-                    for (int64_t x = 0; x < BLOCK; x++) plane[x] = (c0 + x < C ? c0 + x : C - 1) * HW;
-                    VEC acc[BLOCK] = {{0}};
+                for (int64_t c0 = 0; c0 < C; c0 += CHANNEL_BLOCK) {
+                    int64_t plane[CHANNEL_BLOCK]; /* past C, repeat the last channel (not stored) */
+                    for (int64_t x = 0; x < CHANNEL_BLOCK; x++) plane[x] = (c0 + x < C ? c0 + x : C - 1) * HW;
+                    VEC acc[CHANNEL_BLOCK] = {{0}};
                     for (int64_t a = 0; a < kh; a++) {
                         const T *rowv = B + n * C * HW + (rowstart[i] + a * dh) * W + colstart[ch->j0];
                         const VEC *pa = p + a * kw;
                         if (ch->shift) {
                             for (int64_t b = 0; b < kw; b++)
-                                for (int64_t x = 0; x < BLOCK; x++)
+                                for (int64_t x = 0; x < CHANNEL_BLOCK; x++)
                                     acc[x] += pa[b] * NAME(load)(rowv + plane[x] + b * dw);
                         } else {
                             for (int64_t b = 0; b < kw; b++)
-                                for (int64_t x = 0; x < BLOCK; x++) acc[x] += pa[b] * rowv[plane[x] + b * dw];
+                                for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += pa[b] * rowv[plane[x] + b * dw];
                         }
                     }
-                    for (int64_t x = 0; x < BLOCK && c0 + x < C; x++)
+                    for (int64_t x = 0; x < CHANNEL_BLOCK && c0 + x < C; x++)
                         NAME(store)(out + (n * C + c0 + x) * HW + i * W + ch->j0, acc[x], ch->len);
                 }
             }
@@ -205,7 +205,7 @@ void NAME(na_weighted_sum)(const T *P, const T *B, T *out, GEOMETRY_ARGS) {
  * queries are then scattered with read-modify-writes, one query row sweep per neighbor so that
  * consecutive writes never overlap (overlap would stall store-to-load forwarding). */
 void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
-    const int64_t HW = H * W, KK = kh * kw, CB = (C + SCATTER_BLOCK - 1) / SCATTER_BLOCK;
+    const int64_t HW = H * W, KK = kh * kw, CB = (C + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
     const int64_t R = (kw / 2) * dw, WP = W + 2 * R + VL; /* padded row: R zeros, W, R + VL zeros */
     const int64_t PTW = KK + VL;                          /* a border query's weights, plus slack */
     chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
@@ -218,9 +218,9 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
             if (!regular[chunks[s].j0 + u]) clamped_chunk[s] = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
-        T *apad = calloc((size_t)(SCATTER_BLOCK * WP), sizeof(T));
+        T *apad = calloc((size_t)(CHANNEL_BLOCK * WP), sizeof(T));
         T *ppad = calloc((size_t)(KK * WP), sizeof(T));
-        VEC *val = NAME(alloc_vectors)(nchunks * SCATTER_BLOCK);
+        VEC *val = NAME(alloc_vectors)(nchunks * CHANNEL_BLOCK);
         T *pt = calloc((size_t)(nchunks * VL * PTW), sizeof(T)); /* border weights, query-major */
         for (int64_t i = 0; i < H; i++) {
             const T *Pi = P + (n * H + i) * KK * W;
@@ -230,7 +230,7 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                         for (int64_t ab = 0; ab < KK; ab++) pt[(s * VL + u) * PTW + ab] = Pi[ab * W + chunks[s].j0 + u];
             for (int64_t ab = 0; ab < KK; ab++) memcpy(ppad + ab * WP + R, Pi + ab * W, sizeof(T) * (size_t)W);
             for (int64_t cb = 0; cb < CB; cb++) {
-                const int64_t c0 = cb * SCATTER_BLOCK, nc = C - c0 < SCATTER_BLOCK ? C - c0 : SCATTER_BLOCK;
+                const int64_t c0 = cb * CHANNEL_BLOCK, nc = C - c0 < CHANNEL_BLOCK ? C - c0 : CHANNEL_BLOCK;
                 for (int64_t x = 0; x < nc; x++) {
                     const T *Ai = A + (n * C + c0 + x) * HW + i * W;
                     for (int64_t j = 0; j < W; j++) apad[x * WP + R + j] = regular[j] ? Ai[j] : (T)0;
@@ -239,17 +239,17 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                         VEC v = NAME(load)(Ai + chunks[s].j0);
                         for (int64_t u = 0; u < VL; u++)
                             if (u < chunks[s].first || u >= chunks[s].len || regular[chunks[s].j0 + u]) v[u] = 0;
-                        val[s * SCATTER_BLOCK + x] = v;
+                        val[s * CHANNEL_BLOCK + x] = v;
                     }
                 }
                 for (int64_t a = 0; a < kh; a++) {
                     T *rowo = out + (n * C + c0) * HW + (rowstart[i] + a * dh) * W;
                     for (int64_t k0 = 0; k0 < W; k0 += VL) {
-                        VEC acc[SCATTER_BLOCK] = {{0}};
+                        VEC acc[CHANNEL_BLOCK] = {{0}};
                         for (int64_t b = 0; b < kw; b++) {
                             const int64_t from = R + k0 + (kw / 2 - b) * dw;
                             const VEC w = NAME(load)(ppad + (a * kw + b) * WP + from);
-                            for (int64_t x = 0; x < SCATTER_BLOCK; x++) acc[x] += w * NAME(load)(apad + x * WP + from);
+                            for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += w * NAME(load)(apad + x * WP + from);
                         }
                         const int64_t len = W - k0 < VL ? W - k0 : VL;
                         for (int64_t x = 0; x < nc; x++) {
@@ -269,7 +269,7 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                             for (int64_t b = 0; b < kw; b++) {
                                 const VEC w = NAME(load)(Pi + (a * kw + b) * W + ch->j0);
                                 for (int64_t x = 0; x < nc; x++) {
-                                    const VEC contrib = w * val[s * SCATTER_BLOCK + x];
+                                    const VEC contrib = w * val[s * CHANNEL_BLOCK + x];
                                     for (int64_t u = 0; u < ch->len; u++) o[x * HW + b * dw + u] += contrib[u];
                                 }
                             }
@@ -281,7 +281,7 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                             for (int64_t x = 0; x < nc; x++) {
                                 VEC acc = {0};
                                 for (int64_t u = 0; u < ch->len; u++)
-                                    acc += NAME(load)(pts + u * PTW + a * kw + b0) * val[s * SCATTER_BLOCK + x][u];
+                                    acc += NAME(load)(pts + u * PTW + a * kw + b0) * val[s * CHANNEL_BLOCK + x][u];
                                 if (dw == 1) { /* contiguous keys: one vector update, lanes past kw add 0 */
                                     for (int64_t e = 0; e < VL; e++) acc[e] = b0 + e < kw ? acc[e] : (T)0;
                                     *(UVEC *)(o + x * HW + b0) += acc;

@@ -25,10 +25,5 @@ def cpu_backends() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def golden_ops() -> list[dict]:
-    return torch.load(DATA / "na2d_ops.pt")["cases"]
-
-
-@pytest.fixture(scope="session")
 def golden_models() -> dict:
     return torch.load(DATA / "models.pt")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from .ops import as_pair, na2d, na2d_av, na2d_qk
+from .ops import na2d, na2d_av, na2d_qk
 from .ops.functional import IntOrPair, check_kernel_and_dilation
 
 
@@ -77,4 +77,4 @@ class NeighborhoodAttention2D(nn.Module):
         )
 
 
-__all__ = ["NeighborhoodAttention2D", "as_pair"]
+__all__ = ["NeighborhoodAttention2D"]

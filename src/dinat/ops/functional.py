@@ -99,10 +99,13 @@ def _check_tensor(name: str, x: Tensor, rank: int = 5) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def _check_same(name: str, x: Tensor, ref_name: str, ref: Tensor, shape: tuple[int, ...]) -> None:
+def _check_same(
+    name: str, x: Tensor, ref_name: str, ref: Tensor, shape: tuple[int, ...], also_dtype: torch.dtype | None = None
+) -> None:
+    """x has ``shape``, ref's device, and ref's dtype (or ``also_dtype``)."""
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} to match {ref_name}, got {tuple(x.shape)}")
-    if x.dtype != ref.dtype:
+    if x.dtype not in (ref.dtype, also_dtype):
         raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}")
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
@@ -126,10 +129,7 @@ def _check_rpb(rpb: Tensor | None, heads: int, kernel: Pair, ref: Tensor) -> Non
         return
     expected = (heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1)
     _check_tensor("rpb", rpb, rank=3)
-    mixed = rpb.dtype == torch.float32 and ref.dtype in _LOW_PRECISION
-    _check_same("rpb", rpb, "q", rpb if mixed else ref, expected)
-    if rpb.device != ref.device:
-        raise ValueError(f"rpb is on {rpb.device} but q is on {ref.device}")
+    _check_same("rpb", rpb, "q", ref, expected, also_dtype=torch.float32 if ref.dtype in _LOW_PRECISION else None)
 
 
 def na2d_qk(q: Tensor, k: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1, rpb: Tensor | None = None) -> Tensor:

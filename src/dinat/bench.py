@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .ops import current_backend, na2d, use_backend
+from .ops import BACKENDS, current_backend, na2d, use_backend
 
 # (tokens per side, heads, dilations used at that level) for DiNAT-Mini at 224 px.
 DINAT_MINI_LEVELS = [(56, 2, (1, 8)), (28, 4, (1, 4)), (14, 8, (1, 2)), (7, 16, (1,))]
@@ -138,7 +138,9 @@ def _build(name: str):
     return timm.create_model(name)
 
 
-def peak_train_memory_mb(name: str, batch: int, threads: int, device: torch.device, dtype: torch.dtype) -> float:
+def peak_train_memory_mb(
+    name: str, batch: int, threads: int, device: torch.device, dtype: torch.dtype, backend: str = "auto"
+) -> float:
     """Peak memory (MiB) one training step (forward and backward) adds to the model, measured in a
     fresh process: on the CPU the growth of peak RSS (Linux's VmHWM, reset just before the step),
     on CUDA the growth of peak allocated memory."""
@@ -156,6 +158,7 @@ def peak_train_memory_mb(name: str, batch: int, threads: int, device: torch.devi
         return peak / 2**20
     code = (
         "import re, torch, dinat.bench as b\n"
+        f"b.use_backend({backend!r}).__enter__()\n"
         "def rss(field):\n"
         "    return int(re.search(field + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
         f"torch.set_num_threads({threads}); torch.manual_seed(0)\n"
@@ -171,7 +174,13 @@ def peak_train_memory_mb(name: str, batch: int, threads: int, device: torch.devi
 
 
 def model_rows(
-    names: list[str], batch: int, repeats: int, threads: int, device: torch.device, dtype: torch.dtype
+    names: list[str],
+    batch: int,
+    repeats: int,
+    threads: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str = "auto",
 ) -> list[dict]:
     torch.manual_seed(0)
     built = {name: _build(name).to(device) for name in names}
@@ -212,7 +221,7 @@ def model_rows(
                 "model": name,
                 "infer_img_s": batch / infer[name],
                 "train_img_s": batch / train[name],
-                "train_peak_mem_mb": peak_train_memory_mb(name, batch, threads, device, dtype),
+                "train_peak_mem_mb": peak_train_memory_mb(name, batch, threads, device, dtype, backend),
             }
         )
     base = next((r for r in rows if r["model"] == YARDSTICKS[0]), None)
@@ -240,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--models", nargs="+", default=OURS + YARDSTICKS)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference op")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="attention backend of the op rows and our models"
+    )
     parser.add_argument("--output", type=Path, default=Path("bench_results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument(
@@ -262,13 +274,17 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": args.dtype,
+        "backend": args.backend,
     }
-    if args.suite in ("op", "all"):
-        print(f"op: DiNAT-Mini level shapes, batch {args.batch}, head dim 32, kernel 7, {args.threads} threads")
-        results["op"] = op_rows(args.batch, args.repeats, not args.no_reference, device, dtype)
-    if args.suite in ("model", "all"):
-        print(f"model: 224 px, batch {args.batch}, {args.dtype}, {args.threads} threads", flush=True)
-        results["model"] = model_rows(args.models, args.batch, args.repeats, args.threads, device, dtype)
+    with use_backend(args.backend):
+        if args.suite in ("op", "all"):
+            print(f"op: DiNAT-Mini level shapes, batch {args.batch}, head dim 32, kernel 7, {args.threads} threads")
+            results["op"] = op_rows(args.batch, args.repeats, not args.no_reference, device, dtype)
+        if args.suite in ("model", "all"):
+            print(f"model: 224 px, batch {args.batch}, {args.dtype}, {args.threads} threads", flush=True)
+            results["model"] = model_rows(
+                args.models, args.batch, args.repeats, args.threads, device, dtype, args.backend
+            )
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "bench.json"
     path.write_text(json.dumps(results, indent=2))

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .ops import BACKENDS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -84,6 +86,7 @@ class Config:
     threads: int = 0  # CPU threads per process (0: torch's default)
     compile: bool = False
     channels_last: bool = False
+    attention: str = "auto"  # neighborhood-attention backend: auto | cpu | flex | triton | reference
     deterministic: bool = False
     output: str = "output/train"
     resume: str = ""
@@ -136,6 +139,8 @@ def _coerce(name: str, value: Any) -> Any:
 def validate(cfg: Config, check_model: bool = True) -> Config:
     if cfg.sched not in SCHEDULERS:
         raise ConfigError(_suggest(cfg.sched, SCHEDULERS, "scheduler"))
+    if cfg.attention not in BACKENDS:
+        raise ConfigError(_suggest(cfg.attention, BACKENDS, "attention backend"))
     if check_model:
         check_model_name(cfg.model)
     return cfg

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
 from .config import Config, add_config_arguments, as_dict, config_from_args
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
+from .ops import use_backend
 from .validate import autocast_and_scaler, create_model, evaluate, load_weights, pick_device
 
 
@@ -167,6 +168,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def train(cfg: Config) -> dict:
+    """Run the training `cfg` describes; returns the summary (also in the output folder)."""
+    with use_backend(cfg.attention):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     # -- setup: processes, device, seeds ---------------------------------------------------------
     rank, world, device = init_distributed(cfg.device)
     main_process = rank == 0

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ConfigError, check_model_name, make_config
+from .ops import BACKENDS, use_backend
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -153,6 +154,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--amp-dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--attention", default="auto", choices=BACKENDS, help="neighborhood-attention backend")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--results-file", help="write the results as JSON here")
     return p
@@ -179,13 +181,14 @@ def main(argv=None) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     autocast, _ = autocast_and_scaler(args.amp, args.amp_dtype, device)
-    results = evaluate(
-        model,
-        eval_loader(dataset, cfg, pin_memory=device.type == "cuda"),
-        device,
-        autocast,
-        channels_last=args.channels_last,
-    )
+    with use_backend(args.attention):
+        results = evaluate(
+            model,
+            eval_loader(dataset, cfg, pin_memory=device.type == "cuda"),
+            device,
+            autocast,
+            channels_last=args.channels_last,
+        )
     results = {"model": args.model, "weights": args.checkpoint or "pretrained", **results}
     print(format_table(results))
     if args.results_file:

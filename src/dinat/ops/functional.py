@@ -5,6 +5,8 @@ Every entry point validates its arguments once, normalises ``kernel_size`` / ``d
 
 * ``"cpu"``: vectorised C kernels (:mod:`dinat.ops.cpu`), the default for CPU tensors;
 * ``"flex"``: PyTorch ``flex_attention`` (:mod:`dinat.ops.flex`), the default for CUDA tensors;
+* ``"triton"``: hand-written Triton kernels (:mod:`dinat.ops.triton_na`), on request, for CUDA
+  tensors (until a GPU benchmark shows which of flex and triton is faster there);
 * ``"reference"``: the definition in plain PyTorch (:mod:`dinat.ops.reference`), the fallback.
 
 ``use_backend(name)`` forces one (tests and benchmarks compare them).
@@ -25,8 +27,8 @@ from . import reference
 
 Pair = tuple[int, int]
 IntOrPair = int | tuple[int, int] | list[int]
-BackendName = Literal["auto", "cpu", "flex", "reference"]
-BACKENDS = ("auto", "cpu", "flex", "reference")
+BackendName = Literal["auto", "cpu", "flex", "triton", "reference"]
+BACKENDS = ("auto", "cpu", "flex", "triton", "reference")
 
 _state = threading.local()
 
@@ -48,6 +50,12 @@ def _backend_for(x: Tensor):
     name = getattr(_state, "backend", "auto")
     if name == "reference":
         return reference
+    if name == "triton":
+        from . import triton_na
+
+        if triton_na.available(x):
+            return triton_na
+        raise RuntimeError(f"the triton backend is unavailable: {triton_na.unavailable_reason(x)}")
     if name in ("auto", "cpu") and x.device.type == "cpu":
         from . import cpu
 
@@ -189,8 +197,9 @@ def na2d(
 
 
 def current_backend(x: Tensor) -> str:
-    """The backend the ops would use for ``x`` now: 'cpu', 'flex' or 'reference'."""
-    return _backend_for(x).__name__.rsplit(".", 1)[-1]
+    """The backend the ops would use for ``x`` now: 'cpu', 'flex', 'triton' or 'reference'."""
+    module = _backend_for(x).__name__.rsplit(".", 1)[-1]
+    return "triton" if module == "triton_na" else module
 
 
 __all__ = ["na2d", "na2d_av", "na2d_qk", "use_backend", "current_backend", "as_pair", "BACKENDS"]

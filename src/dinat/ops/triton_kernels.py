@@ -1,0 +1,256 @@
+"""Triton kernels for fused neighborhood attention with relative positional bias (SPEC section 1).
+
+Written by hand because no maintained library has them: NATTEN >= 0.20 dropped the bias, and
+flex_attention sees the neighborhood only as a block-sparse mask over the flattened sequence.
+
+Layout: q, k, v, out are tokens-first (B, H, W, heads, D) with unit stride over D; the log-sum-exp
+(base 2) and the backward's ``delta`` are (B, H, W, heads) float32.
+
+Tiling. Along one axis a dilation group is every ``dilation``-th position; its positions are
+"places" 0..n-1 and a query at place p attends places start(p) .. start(p)+k-1 (start clamped at the
+borders, :func:`_window_start`). A program owns one image row and BLOCK_M consecutive places of one
+column group. All its queries share the same kh key rows, and the key places they need along the row
+lie within BLOCK_N >= BLOCK_M + kw - 1 consecutive places. So the forward is kh steps of online
+softmax over a (BLOCK_M x BLOCK_N) tile, masked to each query's kw keys: dilation costs nothing (it is
+a stride), and the tile does BLOCK_N / kw times the minimal work instead of the flattened sequence's
+whole rows of keys.
+
+The key-side backward mirrors it: a program owns BLOCK_N key places of one row and visits every query
+row that attends that key row (kh of them inside the image, up to 3*kh/2 at the borders), with query
+tiles covering the queries whose windows reach its keys.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _window_start(place, group_len, KERNEL: tl.constexpr):
+    """First place of the window of ``place`` in a group of ``group_len`` places."""
+    return tl.minimum(tl.maximum(place - KERNEL // 2, 0), group_len - KERNEL)
+
+
+@triton.jit
+def _group_len(extent, group, dilation):
+    return (extent - group + dilation - 1) // dilation
+
+
+@triton.jit
+def _tokens(base, b, row, n, cols, d, s_b, s_h, s_w, s_n):
+    """Pointers to the features d of tokens (b, row, cols, head n) of a (B, H, W, heads, D) tensor."""
+    return base + b * s_b + row * s_h + n * s_n + cols[:, None] * s_w + d[None, :]
+
+
+@triton.jit
+def _query_tile(pid_col, width, dil_w, BLOCK_M: tl.constexpr, KW: tl.constexpr):
+    """The query places of a program and what they need along the row.
+
+    Returns (column group, place of each query, query valid, window start of each query, first key
+    place of the tile, group length).
+    """
+    group = pid_col % dil_w
+    n = _group_len(width, group, dil_w)
+    first = (pid_col // dil_w) * BLOCK_M
+    place = first + tl.arange(0, BLOCK_M)
+    return group, place, place < n, _window_start(place, n, KW), _window_start(first, n, KW), n
+
+
+@triton.jit
+def _logits(a, b, bias_ptrs, in_window, scale_log2, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 logits a @ b.T of a tile plus the rpb entries at ``bias_ptrs``, -inf outside the windows."""
+    s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale_log2
+    if HAS_RPB:
+        s += tl.load(bias_ptrs, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(in_window, s, float("-inf"))
+
+
+@triton.jit
+def na2d_forward_kernel(
+    Q, K, V, RPB, OUT, LSE,
+    q_sb, q_sh, q_sw, q_sn,
+    k_sb, k_sh, k_sw, k_sn,
+    v_sb, v_sh, v_sw, v_sn,
+    o_sb, o_sh, o_sw, o_sn,
+    r_sn, r_sh,
+    heads, height, width, head_dim, dil_h, dil_w, scale_log2,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bn, row = tl.program_id(0), tl.program_id(1)
+    b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
+    group, place, valid, start, key_first, group_len = _query_tile(tl.program_id(2), width, dil_w, BLOCK_M, KW)
+    cols = group + dil_w * place
+    key_place = key_first + tl.arange(0, BLOCK_N)
+    key_valid = key_place < group_len
+    key_cols = group + dil_w * key_place
+    rel = key_place[None, :] - start[:, None]
+    in_window = (rel >= 0) & (rel < KW) & valid[:, None]
+    bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
+
+    row_group, row_place = row % dil_h, row // dil_h
+    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q_mask = valid[:, None] & d_ok[None, :]
+    q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kv_mask = key_valid[:, None] & d_ok[None, :]
+    for i in range(KH):
+        key_row = row_group + dil_h * (row_start + i)
+        k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
+        rpb_row = RPB + n * r_sn + (row_start + i - row_place + KH - 1) * r_sh
+        s = _logits(q, k, rpb_row + bias_col, in_window, scale_log2, HAS_RPB, PRECISION)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows of invalid queries stay empty
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(_tokens(V, b, key_row, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    l_safe = tl.where(valid, l_sum, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(_tokens(OUT, b, row, n, cols, d, o_sb, o_sh, o_sw, o_sn), out.to(OUT.dtype.element_ty), mask=q_mask)
+    # LSE is (B, H, W, heads) contiguous
+    lse_ptr = LSE + ((b * height + row) * width + cols) * heads + n
+    tl.store(lse_ptr, m + tl.log2(l_safe), mask=valid)
+
+
+@triton.jit
+def na2d_backward_query_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
+    q_sb, q_sh, q_sw, q_sn,
+    k_sb, k_sh, k_sw, k_sn,
+    v_sb, v_sh, v_sw, v_sn,
+    do_sb, do_sh, do_sw, do_sn,
+    r_sn, r_sh,
+    heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, BIAS_COLS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dq (contiguous like q) and, with rpb, this program's partial rpb gradient.
+
+    DRPB is (programs, KH, 2*KW-1): the rows are the program's kh key rows, the caller maps them to
+    rpb rows and sums over programs (deterministic, no atomics).
+    """
+    pid_bn, row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
+    group, place, valid, start, key_first, group_len = _query_tile(pid_col, width, dil_w, BLOCK_M, KW)
+    cols = group + dil_w * place
+    key_place = key_first + tl.arange(0, BLOCK_N)
+    key_valid = key_place < group_len
+    key_cols = group + dil_w * key_place
+    rel = key_place[None, :] - start[:, None]
+    in_window = (rel >= 0) & (rel < KW) & valid[:, None]
+    bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
+    # Bias column c of query j is the key at place place_j + c - (kw - 1): its index in the tile,
+    # and whether it is in the query's window (a gather then sums the rpb gradient per column).
+    bias_cols = tl.arange(0, BIAS_COLS)
+    bias_place = place[:, None] + bias_cols[None, :] - (KW - 1)
+    bias_rel = bias_place - start[:, None]
+    bias_ok = (bias_rel >= 0) & (bias_rel < KW) & valid[:, None]
+    bias_key = tl.where(bias_ok, bias_place - key_first, 0)
+
+    row_group, row_place = row % dil_h, row // dil_h
+    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q_mask = valid[:, None] & d_ok[None, :]
+    q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
+    do = tl.load(_tokens(DO, b, row, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
+    token = ((b * height + row) * width + cols) * heads + n
+    lse = tl.load(LSE + token, mask=valid, other=0.0)
+    delta = tl.load(DELTA + token, mask=valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kv_mask = key_valid[:, None] & d_ok[None, :]
+    program = (pid_bn * height + row) * tl.num_programs(2) + pid_col
+    for i in range(KH):
+        key_row = row_group + dil_h * (row_start + i)
+        k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
+        v = tl.load(_tokens(V, b, key_row, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
+        rpb_row = RPB + n * r_sn + (row_start + i - row_place + KH - 1) * r_sh
+        s = _logits(q, k, rpb_row + bias_col, in_window, scale_log2, HAS_RPB, PRECISION)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])  # gradient of the logits
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if HAS_RPB:
+            partial = tl.sum(tl.where(bias_ok, tl.gather(ds, bias_key, 1), 0.0), 0)
+            tl.store(DRPB + (program * KH + i) * (2 * KW - 1) + bias_cols, partial, mask=bias_cols < 2 * KW - 1)
+    dq_ptr = DQ + (((b * height + row) * width + cols[:, None]) * heads + n) * head_dim + d[None, :]
+    tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def na2d_backward_key_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
+    q_sb, q_sh, q_sw, q_sn,
+    k_sb, k_sh, k_sw, k_sn,
+    v_sb, v_sh, v_sw, v_sn,
+    do_sb, do_sh, do_sw, do_sn,
+    r_sn, r_sh,
+    heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dk and dv (contiguous like k) for BLOCK_N key places of one row and column group."""
+    pid_bn, key_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
+    group = pid_col % dil_w
+    group_len = _group_len(width, group, dil_w)
+    key_first = (pid_col // dil_w) * BLOCK_N
+    key_place = key_first + tl.arange(0, BLOCK_N)
+    key_valid = key_place < group_len
+    key_cols = group + dil_w * key_place
+    key_last = tl.minimum(key_first + BLOCK_N, group_len) - 1
+    # Queries whose windows reach keys key_first..key_last (start() is monotone, steps of 0 or 1).
+    query_lo = tl.where(key_first < KW, 0, key_first - KW // 2)
+    query_hi = tl.where(key_last >= group_len - KW, group_len - 1, key_last + KW // 2)
+
+    row_group, key_row_place = key_row % dil_h, key_row // dil_h
+    rows_len = _group_len(height, row_group, dil_h)
+    row_lo = tl.where(key_row_place < KH, 0, key_row_place - KH // 2)
+    row_hi = tl.where(key_row_place >= rows_len - KH, rows_len - 1, key_row_place + KH // 2)
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    kv_mask = key_valid[:, None] & d_ok[None, :]
+    k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
+    v = tl.load(_tokens(V, b, key_row, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for query_row_place in range(row_lo, row_hi + 1):
+        row = row_group + dil_h * query_row_place
+        rpb_row = RPB + n * r_sn + (key_row_place - query_row_place + KH - 1) * r_sh
+        for first in range(query_lo, query_hi + 1, BLOCK_M):
+            place = first + tl.arange(0, BLOCK_M)
+            valid = place <= query_hi
+            cols = group + dil_w * place
+            rel = key_place[:, None] - _window_start(place, group_len, KW)[None, :]
+            in_window = (rel >= 0) & (rel < KW) & valid[None, :] & key_valid[:, None]
+            q_mask = valid[:, None] & d_ok[None, :]
+            q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
+            do = tl.load(_tokens(DO, b, row, n, cols, d, do_sb, do_sh, do_sw, do_sn),
+                         mask=q_mask, other=0.0)  # fmt: skip
+            token = ((b * height + row) * width + cols) * heads + n
+            lse = tl.load(LSE + token, mask=valid, other=0.0)
+            delta = tl.load(DELTA + token, mask=valid, other=0.0)
+            # transposed tile: keys x queries
+            s = _logits(k, q, rpb_row + (key_place[:, None] - place[None, :] + KW - 1), in_window, scale_log2,
+                        HAS_RPB, PRECISION)  # fmt: skip
+            p = tl.exp2(s - lse[None, :])
+            dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds = p * (dp - delta[None, :])
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+    out = (((b * height + key_row) * width + key_cols[:, None]) * heads + n) * head_dim + d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)

@@ -1,0 +1,222 @@
+"""The Triton backend: fused neighborhood attention with rpb, forward and backward
+(:mod:`dinat.ops.triton_kernels`), behind ``torch.library`` custom ops.
+
+The kernels run on CUDA tensors; with ``TRITON_INTERPRET=1`` set before Triton is imported they run
+on CPU tensors in Triton's interpreter instead (numpy, very slow): that is how the test suite checks
+them on machines without a GPU. The dispatcher never picks this backend for CPU tensors itself.
+
+The forward saves the output and its base-2 log-sum-exp, not the attention weights; the backward
+recomputes the weights tile by tile, in two kernels: one per query tile (dq and the rpb gradient),
+one per key tile (dk and dv). Both are deterministic (no atomics). The unfused ``na2d_qk`` /
+``na2d_av`` are the reference ops: the fused kernel never forms the logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+Pair = tuple[int, int]
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QUERY_BLOCK = 16  # query places per program (forward, dq); key places per program (dk, dv)
+_MAX_HEAD_DIM = 256
+
+
+def _probe_triton() -> tuple[str, bool]:
+    """(why Triton cannot be used, whether it runs kernels in its interpreter), once at import: a
+    constant under torch.compile. The interpreter is chosen by TRITON_INTERPRET=1 before the import."""
+    try:
+        import triton
+    except ImportError as error:
+        return f"Triton is not installed ({error})", False
+    return "", bool(triton.knobs.runtime.interpret)
+
+
+_TRITON_PROBLEM, _INTERPRETING = _probe_triton()
+
+
+def unavailable_reason(x: Tensor | None = None) -> str:
+    """Why the Triton kernels cannot run on tensors like ``x`` (empty when they can)."""
+    if _TRITON_PROBLEM or x is None:
+        return _TRITON_PROBLEM or ("" if torch.cuda.is_available() or _INTERPRETING else "no CUDA device")
+    if x.device.type != ("cpu" if _INTERPRETING else "cuda"):
+        mode = "CPU tensors (TRITON_INTERPRET=1)" if _INTERPRETING else "CUDA tensors"
+        return f"the triton backend runs on {mode}, got device {x.device}"
+    if x.dtype not in _DTYPES:
+        return f"the triton backend supports float32, float16 and bfloat16, got {x.dtype}"
+    if x.shape[-1] > _MAX_HEAD_DIM:
+        return f"the triton backend supports head dims up to {_MAX_HEAD_DIM}, got {x.shape[-1]}"
+    return ""
+
+
+def available(x: Tensor | None = None) -> bool:
+    return not unavailable_reason(x)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _config(q: Tensor, kernel: Pair) -> dict:
+    """Compile-time parameters shared by the three kernels."""
+    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dict(
+        KH=kernel[0],
+        KW=kernel[1],
+        BLOCK_D=max(16, _next_power_of_2(q.shape[-1])),
+        PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _window_block(kw: int) -> int:
+    """Key places a query tile needs along a row: the tile's places plus the window's overhang."""
+    return _next_power_of_2(_QUERY_BLOCK + kw - 1)
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(*tensors: Tensor) -> list[int]:
+    """(batch, row, column, head) strides of each (B, H, W, heads, D) tensor."""
+    return [s for t in tensors for s in t.stride()[:4]]
+
+
+def _bias_args(rpb: Tensor | None, q: Tensor) -> tuple[Tensor, int, int]:
+    """rpb (or a dummy pointer) and its head and row strides; rows are contiguous."""
+    if rpb is None:
+        return q, 0, 0
+    return rpb, rpb.stride(0), rpb.stride(1)
+
+
+def _grid(q: Tensor, dilation_w: int, block: int) -> tuple[int, int, int]:
+    batch, height, width, heads, _ = q.shape
+    places = -(-width // dilation_w)  # of the longest column group
+    return (batch * heads, height, dilation_w * -(-places // block))
+
+
+@torch.library.custom_op("dinat::na2d_triton", mutates_args=())
+def na2d_triton(
+    q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int], scale: float
+) -> tuple[Tensor, Tensor]:
+    """Fused attention on (B, H, W, heads, D): the output and its base-2 log-sum-exp (B, H, W, heads)."""
+    from . import triton_kernels
+
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    rpb = None if rpb is None else rpb.contiguous()
+    batch, height, width, heads, dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
+    bias, bias_sn, bias_sh = _bias_args(rpb, q)
+    triton_kernels.na2d_forward_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
+        q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
+        heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
+        HAS_RPB=rpb is not None, BLOCK_M=_QUERY_BLOCK, BLOCK_N=_window_block(kernel[1]),
+        **_config(q, kernel),
+    )  # fmt: skip
+    return out, lse
+
+
+@na2d_triton.register_fake
+def _(q, k, v, rpb, kernel, dilation, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device) -> Tensor:
+    """(H * kh, 2kh - 1) float64 one-hot: the rpb row of each query row's i-th key row."""
+    _, rows = reference.axis_neighborhood(height, kernel_h, dilation_h)
+    return torch.nn.functional.one_hot(rows.flatten(), 2 * kernel_h - 1).to(device, torch.float64)
+
+
+@torch.library.custom_op("dinat::na2d_triton_backward", mutates_args=())
+def na2d_triton_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    kernel: list[int],
+    dilation: list[int],
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v (contiguous) and rpb (empty without rpb)."""
+    from . import triton_kernels
+
+    grad_out, q, k, v = (_unit_stride(t) for t in (grad_out, q, k, v))
+    rpb = None if rpb is None else rpb.contiguous()
+    batch, height, width, heads, dim = q.shape
+    delta = (grad_out.float() * out.float()).sum(-1)  # (B, H, W, heads): sum_j p_ij dp_ij per query
+    grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    bias, bias_sn, bias_sh = _bias_args(rpb, q)
+    common = dict(HAS_RPB=rpb is not None, **_config(q, kernel))
+    args = (*_strides(q, k, v, grad_out), bias_sn, bias_sh, heads, height, width, dim, dilation[0], dilation[1])
+    log2_scale = scale * math.log2(math.e)
+
+    grid = _grid(q, dilation[1], _QUERY_BLOCK)
+    bias_cols = 2 * kernel[1] - 1
+    partial = torch.zeros(math.prod(grid), kernel[0], bias_cols, dtype=torch.float32, device=q.device)
+    triton_kernels.na2d_backward_query_kernel[grid](
+        q, k, v, bias, grad_out, lse, delta, grad_q, partial, *args, log2_scale, scale,
+        BIAS_COLS=_next_power_of_2(bias_cols), BLOCK_M=_QUERY_BLOCK, BLOCK_N=_window_block(kernel[1]), **common,
+    )  # fmt: skip
+    triton_kernels.na2d_backward_key_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
+        q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *args, log2_scale, scale,
+        BLOCK_M=_window_block(kernel[1]), BLOCK_N=_QUERY_BLOCK, **common,
+    )  # fmt: skip
+    if rpb is None:
+        return grad_q, grad_k, grad_v, q.new_empty(0)
+    # partial rows are (batch, head, query row, column program, i-th key row): to rpb rows
+    per_row = partial.view(batch, heads, height, grid[2], kernel[0], bias_cols).sum((0, 3), dtype=torch.float64)
+    rows = _bias_rows(height, kernel[0], dilation[0], q.device)
+    grad_rpb = torch.einsum("nxc,xr->nrc", per_row.reshape(heads, -1, bias_cols), rows)
+    return grad_q, grad_k, grad_v, grad_rpb.to(rpb.dtype)
+
+
+@na2d_triton_backward.register_fake
+def _(grad_out, q, k, v, rpb, out, lse, kernel, dilation, scale):
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    return *grads, (q.new_empty(0) if rpb is None else torch.empty_like(rpb))
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, rpb, kernel, dilation, scale = inputs
+    ctx.save_for_backward(q, k, v, rpb, *output)
+    ctx.args = (kernel, dilation, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, rpb, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_rpb = na2d_triton_backward(grad_out, q, k, v, rpb, out, lse, *ctx.args)
+    return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
+
+
+na2d_triton.register_autograd(_backward, setup_context=_setup)
+
+
+# -- the backend interface (see functional.py) -------------------------------------------------
+
+
+def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
+    out, _ = na2d_triton(q, k, v, rpb, list(kernel), list(dilation), scale)
+    return out
+
+
+def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None) -> Tensor:
+    """Logits, heads-first: the reference op (the fused kernel never forms them)."""
+    return reference.na2d_qk(q, k, kernel, dilation, rpb)
+
+
+def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
+    """Weighted sum, heads-first: the reference op (the fused kernel takes no weights)."""
+    return reference.na2d_av(attn, v, kernel, dilation)
+
+
+__all__ = ["available", "unavailable_reason", "na2d", "na2d_qk", "na2d_av"]

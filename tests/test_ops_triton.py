@@ -1,0 +1,196 @@
+"""The Triton backend (hand-written fused kernels) against the original's outputs and the reference.
+
+On CUDA the compiled kernels are tested. Without CUDA the same tests run in Triton's interpreter:
+``test_in_triton_interpreter`` re-runs this file in a subprocess with TRITON_INTERPRET=1 (the
+interpreter has to be chosen before triton is imported). The interpreter has no bfloat16 matmul, so
+there half precision means float16 only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA
+from dinat.layers import NeighborhoodAttention2D
+from dinat.ops import current_backend, na2d, reference, triton_na, use_backend
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
+RUNNABLE = HAS_TRITON and triton_na.available(torch.empty(0, device=DEVICE))
+needs_kernels = pytest.mark.skipif(not RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1 (see the module doc)")
+HALF_DTYPES = [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch.bfloat16]
+GOLDEN = torch.load(DATA / "na2d_ops.pt")["cases"]
+
+
+def _head_zero(case: dict) -> dict:
+    """The case restricted to head 0: heads are independent, and rpb's gradient is per head."""
+    heads_axis = {"rpb": 0, "grad_rpb": 0}  # the heads axis of each tensor; dimension 1 for the rest
+    return {n: t.narrow(heads_axis.get(n, 1), 0, 1) if isinstance(t, torch.Tensor) else t for n, t in case.items()}
+
+
+if DEVICE.type == "cpu":  # the interpreter is slow
+    GOLDEN = [_head_zero(case) for case in GOLDEN]
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available() or not HAS_TRITON, reason="runs the file interpreted")
+def test_in_triton_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
+    result = subprocess.run(command + ["-k", "not in_triton_interpreter"], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+def _fused(q, k, v, kernel, dilation, rpb, scale, backend):
+    with use_backend(backend):
+        return na2d(q, k, v, kernel, dilation, rpb, scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "case", GOLDEN, ids=[f"k{c['kernel_size']}-d{c['dilation']}-{tuple(c['q'].shape)}" for c in GOLDEN]
+)
+def test_golden_cases(case: dict) -> None:
+    """na2d (scale=1) equals the original's qk -> softmax -> av, forward and every gradient."""
+    q, k, v = (case[n].permute(0, 2, 3, 1, 4).to(DEVICE).requires_grad_() for n in ("q", "k", "v"))
+    rpb = None if case["rpb"] is None else case["rpb"].to(DEVICE).requires_grad_()
+    out = _fused(q, k, v, case["kernel_size"], case["dilation"], rpb, 1.0, "triton")
+    torch.testing.assert_close(out.cpu(), case["out"].permute(0, 2, 3, 1, 4), **TOL)
+    out.backward(case["grad_out"].permute(0, 2, 3, 1, 4).to(DEVICE))
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        expected = case[f"grad_{name}"].permute(0, 2, 3, 1, 4)
+        torch.testing.assert_close(tensor.grad.cpu(), expected, **TOL, msg=f"grad_{name}")
+    if rpb is not None:
+        torch.testing.assert_close(rpb.grad.cpu(), case["grad_rpb"], **TOL, msg="grad_rpb")
+
+
+# (B, H, W, heads, D), kernel, dilation, rpb: borders on both axes, dilation groups of unequal
+# length, rows longer than a tile, head dims that are not powers of two.
+SHAPES = [
+    ((2, 9, 11, 2, 16), (3, 3), (1, 1), True),
+    ((1, 12, 13, 2, 16), (5, 3), (2, 3), True),
+    ((2, 10, 17, 1, 20), (3, 7), (3, 2), False),
+    ((1, 7, 40, 1, 24), (7, 5), (1, 2), True),
+    ((1, 21, 9, 3, 8), (3, 9), (5, 1), True),
+]
+
+
+def _inputs(shape, kernel, with_rpb, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, w, heads, d = shape
+    qkv = torch.randn(b, h, w, 3, heads, d, generator=gen, dtype=dtype)
+    rpb = torch.randn(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1, generator=gen, dtype=dtype) if with_rpb else None
+    return qkv, rpb
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,kernel,dilation,with_rpb", SHAPES, ids=[str(s[:3]) for s in SHAPES])
+def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
+    """Forward and all gradients against the float64 reference; q, k, v as strided slices of qkv."""
+    qkv, rpb = _inputs(shape, kernel, with_rpb)
+    qkv64 = qkv.clone().requires_grad_()
+    rpb64 = None if rpb is None else rpb.clone().requires_grad_()
+    scale = 0.3
+    expected = reference.na2d(*qkv64.unbind(3), kernel, dilation, rpb64, scale)
+    grad_out = torch.randn_like(expected)
+    expected.backward(grad_out)
+
+    qkv32 = qkv.float().to(DEVICE).requires_grad_()
+    rpb32 = None if rpb is None else rpb.float().to(DEVICE).requires_grad_()
+    out = _fused(*qkv32.unbind(3), kernel, dilation, rpb32, scale, "triton")
+    out.backward(grad_out.float().to(DEVICE))
+    torch.testing.assert_close(out.cpu().double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv32.grad.cpu().double(), qkv64.grad, rtol=1e-5, atol=1e-5)
+    if rpb is not None:
+        torch.testing.assert_close(rpb32.grad.cpu().double(), rpb64.grad, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_half_precision_close_to_float32(dtype) -> None:
+    """float16/bfloat16 q, k, v with a float32 rpb (as under autocast): within 1e-2 of float32."""
+    shape, kernel, dilation = (1, 14, 14, 1, 32), (7, 7), (2, 2)
+    qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
+    results = {}
+    for run_dtype in (torch.float32, dtype):
+        x = qkv.to(DEVICE, run_dtype).detach().requires_grad_()
+        bias = rpb.to(DEVICE).detach().requires_grad_()
+        out = _fused(*x.unbind(3), kernel, dilation, bias, None, "triton")
+        assert out.dtype == run_dtype
+        out.float().square().sum().backward()
+        results[run_dtype] = (out.float(), x.grad.float(), bias.grad)
+    for name, low, full in zip(("out", "grad_qkv", "grad_rpb"), results[dtype], results[torch.float32]):
+        scale = full.abs().max()
+        assert (low - full).abs().max() <= 1e-2 * scale, f"{name}: {(low - full).abs().max()} vs {scale}"
+
+
+@needs_kernels
+def test_module_matches_reference_backend() -> None:
+    """NeighborhoodAttention2D (padding included: 6x9 input, kernel 7) on triton == on reference."""
+    torch.manual_seed(0)
+    module = NeighborhoodAttention2D(dim=32, num_heads=2, kernel_size=7, dilation=1).to(DEVICE)
+    x = torch.randn(2, 6, 9, 32, device=DEVICE)
+    with use_backend("reference"):
+        expected = module(x)
+    with use_backend("triton"):
+        assert current_backend(x) == "triton"
+        out = module(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_gradient_of_some_inputs_only() -> None:
+    """Frozen rpb and k: the other gradients are still exact and none is produced for them."""
+    shape, kernel, dilation = (1, 9, 11, 2, 16), (3, 5), (2, 1)
+    qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
+    q, k, v = (t.to(DEVICE) for t in qkv.unbind(3))
+    q.requires_grad_(), v.requires_grad_()
+    rpb = rpb.to(DEVICE)
+    _fused(q, k, v, kernel, dilation, rpb, None, "triton").sum().backward()
+    q_ref, v_ref = (t.detach().clone().requires_grad_() for t in (q, v))
+    _fused(q_ref, k, v_ref, kernel, dilation, rpb, None, "reference").sum().backward()
+    torch.testing.assert_close(q.grad, q_ref.grad, **TOL)
+    torch.testing.assert_close(v.grad, v_ref.grad, **TOL)
+    assert k.grad is None and rpb.grad is None
+
+
+@needs_kernels
+def test_compiles_without_graph_breaks() -> None:
+    """The op is an opaque custom op to torch.compile: fullgraph forward and backward."""
+    shape, kernel, dilation = (1, 8, 8, 1, 16), (3, 3), (2, 2)
+    qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
+    x = qkv.to(DEVICE).requires_grad_()
+    bias = rpb.to(DEVICE).requires_grad_()
+
+    def attend(x, bias):
+        with use_backend("triton"):
+            return na2d(*x.unbind(3), kernel, dilation, bias)
+
+    expected = attend(x, bias)
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    out = compiled(x, bias)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.sum(), (x, bias))
+    expected_grads = torch.autograd.grad(expected.sum(), (x, bias))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_unavailable_is_a_clear_error() -> None:
+    """Forcing triton where it cannot run names the reason; auto never picks it for CPU tensors."""
+    x = torch.randn(1, 7, 7, 1, 16, device=DEVICE)
+    assert current_backend(x.cpu()) != "triton"
+    bad, reason = (x.double(), "float64") if RUNNABLE else (x, "triton backend is unavailable")
+    with use_backend("triton"), pytest.raises(RuntimeError, match=reason):
+        na2d(bad, bad, bad, 3)

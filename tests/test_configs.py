@@ -143,6 +143,8 @@ def test_unknown_model_is_a_clear_error_with_suggestions():
         make_config({"model": "dinat_minni"})
     with pytest.raises(ConfigError, match="unknown scheduler 'cosin'.*'cosine'"):
         make_config({"sched": "cosin"})
+    with pytest.raises(ConfigError, match="unknown attention backend 'trition'.*'triton'"):
+        make_config({"attention": "trition"})
 
 
 def test_command_line_overrides_the_file(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from _train_utils import MODEL, TINY, write_pngs
 from dinat import train, validate
 from dinat.cli import main as cli_main
+from dinat.ops import reference
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,21 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
     assert results["images"] == 16
     assert results["top1"] == pytest.approx(summary["val_top1"])
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_attention_backend_option(trained, tmp_path, monkeypatch):
+    """--attention reaches the ops in train and validate (here: every call on the reference)."""
+    root, out, summary = trained
+    calls = []
+    real = reference.na2d
+    monkeypatch.setattr(reference, "na2d", lambda *args: calls.append(1) or real(*args))
+    common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0"]
+    args = ["--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common, "--attention", "reference"]
+    results = validate.main(args)
+    assert calls and results["top1"] == pytest.approx(summary["val_top1"])
+    calls.clear()
+    train.main([str(root), *TINY, "--max-steps", "1", "--output", str(tmp_path), "--attention", "reference"])
+    assert calls
 
 
 def test_fine_tune_with_a_new_head(trained, tmp_path):

@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.dinat-installed
 
-.PHONY: demo test bench lint install
+.PHONY: demo test bench bench-cuda lint install
 
 install: $(STAMP)
 
@@ -23,6 +23,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m dinat.cli bench --output bench_results
+
+# On a machine with a CUDA GPU: the CUDA op tests, then op and model figures for both CUDA attention
+# backends (bfloat16, batch 128) -> bench_results/cuda-{flex,triton}/bench.json
+bench-cuda: $(STAMP)
+	$(PY) -m pytest -q tests/test_ops_flex.py tests/test_ops_triton.py
+	for backend in flex triton; do \
+		$(PY) -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --repeats 20 --no-reference \
+			--backend $$backend --models dinat_mini swin_tiny_patch4_window7_224 \
+			--output bench_results/cuda-$$backend || exit 1; \
+	done
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests

@@ -63,9 +63,11 @@ def _dense_mask(height, width, kernel, dil):
         (16, 20, (3, 5), (2, 1)),
     ],
 )
-def test_plan_is_the_neighborhood(height, width, kernel, dil):
-    """mask_mod, block mask and bias index of the plan equal the definition (no flex call)."""
-    plan = flex._build_plan(height, width, kernel, dil, torch.device("cpu"))
+@pytest.mark.parametrize("block", [flex._CPU_BLOCK, flex._CUDA_BLOCK], ids=["cpu-blocks", "cuda-blocks"])
+def test_plan_is_the_neighborhood(height, width, kernel, dil, block):
+    """mask_mod, block mask and bias index of the plan equal the definition (no flex call), with
+    the sparse block sizes of either device."""
+    plan = flex._build_plan(height, width, kernel, dil, torch.device("cpu"), block)
     length = height * width
     perm = torch.arange(length) if plan.perm is None else plan.perm
     q, kv = torch.arange(length)[:, None], torch.arange(length)[None, :]
@@ -133,6 +135,18 @@ def test_forward_and_gradients_match_reference(kernel, dil, with_rpb):
     expected = torch.autograd.grad(ref, ref_leaves, grad)
     for name, g, e in zip("q k v rpb".split(), got, expected):
         torch.testing.assert_close(g, e, **TOL, msg=name)
+
+
+@needs_cpu_flex
+def test_plans_with_cuda_block_sizes_run_exactly(monkeypatch):
+    """The plans CUDA uses (128 x 128 sparse blocks), run by the CPU flex kernel."""
+    monkeypatch.setattr(flex, "_CPU_BLOCK", flex._CUDA_BLOCK)
+    monkeypatch.setattr(flex, "_plans", {})
+    kernel, dil = (5, 5), (2, 3)
+    q, k, v, rpb = _inputs(kernel, True)
+    with use_backend("flex"), torch.no_grad():
+        out = na2d(q, k, v, kernel, dil, rpb, scale=0.3)
+    torch.testing.assert_close(out, reference.na2d(q, k, v, kernel, dil, rpb, 0.3), **TOL)
 
 
 @needs_cpu_flex

@@ -175,7 +175,10 @@ def _block_size(device: torch.device) -> Pair:
     return _CPU_BLOCK if device.type == "cpu" else _CUDA_BLOCK
 
 
-def _build_plan(height: int, width: int, kernel: Pair, dil: Pair, device: torch.device) -> _Plan:
+def _build_plan(
+    height: int, width: int, kernel: Pair, dil: Pair, device: torch.device, block: Pair | None = None
+) -> _Plan:
+    """The plan for ``device``, with its sparse block size unless ``block`` is given (tests)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     rows = _axis_table(height, kernel[0], dil[0])
@@ -210,7 +213,7 @@ def _build_plan(height: int, width: int, kernel: Pair, dil: Pair, device: torch.
     # The block mask, evaluated with the very mask_mod flex will use, one query block at a time
     # (create_block_mask would materialise the whole L x L mask at once).
     mask_mod = _mask_mod(table)
-    q_block, kv_block = _block_size(device)
+    q_block, kv_block = block or _block_size(device)
     q_blocks, kv_blocks = -(-length // q_block), -(-length // kv_block)
     kv = torch.arange(kv_blocks * kv_block, device=device)
     kv_valid = kv < length

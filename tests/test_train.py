@@ -11,6 +11,7 @@ import torch
 from _train_utils import MODEL, TINY, write_pngs
 from dinat import train, validate
 from dinat.cli import main as cli_main
+from dinat.config import ConfigError
 from dinat.ops import reference
 
 
@@ -178,3 +179,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["step"] >= 1
     assert not list(out.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize(
+    "amp_dtype,device,bf16_gpu,expected,scaled",
+    [
+        ("auto", "cpu", False, torch.bfloat16, False),
+        ("auto", "cuda", True, torch.bfloat16, False),
+        ("auto", "cuda", False, torch.float16, True),
+        ("float16", "cuda", True, torch.float16, True),
+        ("bfloat16", "cuda", True, torch.bfloat16, False),
+    ],
+)
+def test_amp_is_bfloat16_by_default_and_float16_gets_a_scaler(
+    amp_dtype, device, bf16_gpu, expected, scaled, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_gpu)
+    autocast, scaler = validate.autocast_and_scaler(True, amp_dtype, torch.device(device))
+    assert autocast.keywords["dtype"] == expected and autocast.keywords["device_type"] == device
+    assert (scaler is not None) == scaled
+    with pytest.raises(ConfigError, match="'float8'"):
+        validate.autocast_and_scaler(True, "float8", torch.device(device))

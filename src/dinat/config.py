@@ -81,7 +81,7 @@ class Config:
     # run
     seed: int = 42
     amp: bool = True
-    amp_dtype: str = "auto"  # auto: bfloat16 on CPU, float16 (with a grad scaler) on CUDA
+    amp_dtype: str = "auto"  # auto: bfloat16 (float16 on GPUs without it); float16 gets a grad scaler on CUDA
     device: str = "auto"
     threads: int = 0  # CPU threads per process (0: torch's default)
     compile: bool = False

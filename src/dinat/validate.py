@@ -34,14 +34,17 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
-    """(context factory, GradScaler or None): bf16 on CPU; fp16 with a scaler on CUDA unless bf16 asked."""
+    """(context factory, GradScaler or None). ``auto`` is bfloat16 (on CUDA when the GPU supports
+    it, else float16); float16 comes with a GradScaler on CUDA."""
     if not enabled:
         return contextlib.nullcontext, None
     if amp_dtype not in ("auto", "float16", "bfloat16"):
         raise ConfigError(f"amp_dtype must be auto, float16 or bfloat16, not {amp_dtype!r}")
-    fp16 = device.type == "cuda" and amp_dtype in ("auto", "float16")
-    dtype = torch.float16 if fp16 else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    if amp_dtype == "auto":
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        amp_dtype = "bfloat16" if bf16 else "float16"
+    dtype = getattr(torch, amp_dtype)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
     return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
 
 

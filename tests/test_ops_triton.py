@@ -52,6 +52,27 @@ def test_in_triton_interpreter() -> None:
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
 
 
+@pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="compiles real kernels (Triton installed, not interpreting)")
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
+@pytest.mark.parametrize(
+    "dtype,kernel,head_dim,with_rpb",
+    [
+        (torch.float32, (7, 7), 32, True),
+        (torch.float16, (7, 7), 32, True),
+        (torch.bfloat16, (7, 7), 32, True),
+        (torch.bfloat16, (13, 11), 64, True),
+        (torch.bfloat16, (3, 5), 24, False),
+    ],
+    ids=["f32-k7", "f16-k7", "bf16-k7", "bf16-k13x11-d64", "bf16-k3x5-d24-norpb"],
+)
+def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> None:
+    """Down to the cubin, for A100 and H100, without a GPU: what the interpreter cannot check."""
+    compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb)
+    assert sorted(compiled) == ["forward", "key", "query"]
+    for kernel_binary in compiled.values():
+        assert kernel_binary.asm["cubin"] and f"sm_{arch}" in kernel_binary.asm["ptx"]
+
+
 def _fused(q, k, v, kernel, dilation, rpb, scale, backend):
     with use_backend(backend):
         return na2d(q, k, v, kernel, dilation, rpb, scale)

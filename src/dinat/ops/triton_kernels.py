@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # logits are kept in base 2 (exp2)
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _logits(a, b, bias_ptrs, in_window, scale_log2, HAS_RPB: tl.constexpr, PRECI
     """Base-2 logits a @ b.T of a tile plus the rpb entries at ``bias_ptrs``, -inf outside the windows."""
     s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale_log2
     if HAS_RPB:
-        s += tl.load(bias_ptrs, mask=in_window, other=0.0).to(tl.float32) * 1.4426950408889634
+        s += tl.load(bias_ptrs, mask=in_window, other=0.0).to(tl.float32) * LOG2E
     return tl.where(in_window, s, float("-inf"))
 
 
@@ -171,7 +171,7 @@ def na2d_backward_query_kernel(
     delta = tl.load(DELTA + token, mask=valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_mask = key_valid[:, None] & d_ok[None, :]
-    program = (pid_bn * height + row) * tl.num_programs(2) + pid_col
+    program = (pid_bn.to(tl.int64) * height + row) * tl.num_programs(2) + pid_col
     for i in range(KH):
         key_row = row_group + dil_h * (row_start + i)
         k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)

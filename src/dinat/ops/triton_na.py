@@ -25,6 +25,7 @@ Pair = tuple[int, int]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QUERY_BLOCK = 16  # query places per program (forward, dq); key places per program (dk, dv)
 _MAX_HEAD_DIM = 256
+_NUM_WARPS = 4  # Triton's default; not yet tuned on a GPU
 
 
 def _probe_triton() -> tuple[str, bool]:
@@ -62,20 +63,54 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _config(q: Tensor, kernel: Pair) -> dict:
-    """Compile-time parameters shared by the three kernels."""
+def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool) -> dict:
+    """Compile-time parameters of kernel ``name``: 'forward', 'query' (dq, rpb) or 'key' (dk, dv)."""
     fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return dict(
+    params = dict(
         KH=kernel[0],
         KW=kernel[1],
-        BLOCK_D=max(16, _next_power_of_2(q.shape[-1])),
-        PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+        HAS_RPB=has_rpb,
+        BLOCK_D=max(16, _next_power_of_2(head_dim)),
+        PRECISION=fp32_precision if dtype == torch.float32 else "tf32",
     )
+    # the key places a query tile needs along a row: the tile's places plus the window's overhang
+    window = _next_power_of_2(_QUERY_BLOCK + kernel[1] - 1)
+    if name == "key":
+        return {**params, "BLOCK_M": window, "BLOCK_N": _QUERY_BLOCK}
+    if name == "query":
+        params["BIAS_COLS"] = _next_power_of_2(2 * kernel[1] - 1)
+    return {**params, "BLOCK_M": _QUERY_BLOCK, "BLOCK_N": window}
 
 
-def _window_block(kw: int) -> int:
-    """Key places a query tile needs along a row: the tile's places plus the window's overhang."""
-    return _next_power_of_2(_QUERY_BLOCK + kw - 1)
+def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool) -> dict:
+    """Build the three kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
+    time, down to the cubin, with the parameters a launch would use. Needs no GPU: this is how the
+    suite checks on CPU-only machines that the kernels compile for real devices."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import triton_kernels
+
+    element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    compiled = {}
+    for name, fn in (
+        ("forward", triton_kernels.na2d_forward_kernel),
+        ("query", triton_kernels.na2d_backward_query_kernel),
+        ("key", triton_kernels.na2d_backward_key_kernel),
+    ):
+        constexprs = _constexprs(name, dtype, kernel, head_dim, has_rpb)
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg.isupper():  # tensors: statistics and rpb are float32, the rest the inputs' dtype
+                signature[arg] = "*fp32" if arg in ("RPB", "LSE", "DELTA", "DRPB") else f"*{element}"
+            else:
+                signature[arg] = "fp32" if arg.startswith("scale") else "i32"
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _NUM_WARPS})
+    return compiled
 
 
 def _unit_stride(x: Tensor) -> Tensor:
@@ -116,8 +151,7 @@ def na2d_triton(
     triton_kernels.na2d_forward_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
         q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
         heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
-        HAS_RPB=rpb is not None, BLOCK_M=_QUERY_BLOCK, BLOCK_N=_window_block(kernel[1]),
-        **_config(q, kernel),
+        **_constexprs("forward", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out, lse
 
@@ -156,7 +190,6 @@ def na2d_triton_backward(
     delta = (grad_out.float() * out.float()).sum(-1)  # (B, H, W, heads): sum_j p_ij dp_ij per query
     grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
-    common = dict(HAS_RPB=rpb is not None, **_config(q, kernel))
     args = (*_strides(q, k, v, grad_out), bias_sn, bias_sh, heads, height, width, dim, dilation[0], dilation[1])
     log2_scale = scale * math.log2(math.e)
 
@@ -165,11 +198,11 @@ def na2d_triton_backward(
     partial = torch.zeros(math.prod(grid), kernel[0], bias_cols, dtype=torch.float32, device=q.device)
     triton_kernels.na2d_backward_query_kernel[grid](
         q, k, v, bias, grad_out, lse, delta, grad_q, partial, *args, log2_scale, scale,
-        BIAS_COLS=_next_power_of_2(bias_cols), BLOCK_M=_QUERY_BLOCK, BLOCK_N=_window_block(kernel[1]), **common,
+        **_constexprs("query", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
     )  # fmt: skip
     triton_kernels.na2d_backward_key_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
         q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *args, log2_scale, scale,
-        BLOCK_M=_window_block(kernel[1]), BLOCK_N=_QUERY_BLOCK, **common,
+        **_constexprs("key", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
     )  # fmt: skip
     if rpb is None:
         return grad_q, grad_k, grad_v, q.new_empty(0)
@@ -219,4 +252,4 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     return reference.na2d_av(attn, v, kernel, dilation)
 
 
-__all__ = ["available", "unavailable_reason", "na2d", "na2d_qk", "na2d_av"]
+__all__ = ["available", "unavailable_reason", "compile_for_cuda", "na2d", "na2d_qk", "na2d_av"]

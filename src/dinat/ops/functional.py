@@ -4,9 +4,10 @@ Every entry point validates its arguments once, normalises ``kernel_size`` / ``d
 (h, w) pairs, and dispatches to a backend:
 
 * ``"cpu"``: vectorised C kernels (:mod:`dinat.ops.cpu`), the default for CPU tensors;
-* ``"flex"``: PyTorch ``flex_attention`` (:mod:`dinat.ops.flex`), the default for CUDA tensors;
-* ``"triton"``: hand-written Triton kernels (:mod:`dinat.ops.triton_na`), on request, for CUDA
-  tensors (until a GPU benchmark shows which of flex and triton is faster there);
+* ``"triton"``: hand-written Triton kernels (:mod:`dinat.ops.triton_na`), the default for CUDA
+  tensors;
+* ``"flex"``: PyTorch ``flex_attention`` (:mod:`dinat.ops.flex`), for CUDA tensors when Triton is
+  missing or on request (it also runs on the CPU, where the tests check it);
 * ``"reference"``: the definition in plain PyTorch (:mod:`dinat.ops.reference`), the fallback.
 
 ``use_backend(name)`` forces one (tests and benchmarks compare them).
@@ -50,12 +51,13 @@ def _backend_for(x: Tensor):
     name = getattr(_state, "backend", "auto")
     if name == "reference":
         return reference
-    if name == "triton":
+    if name == "triton" or (name == "auto" and x.device.type == "cuda"):
         from . import triton_na
 
         if triton_na.available(x):
             return triton_na
-        raise RuntimeError(f"the triton backend is unavailable: {triton_na.unavailable_reason(x)}")
+        if name == "triton":
+            raise RuntimeError(f"the triton backend is unavailable: {triton_na.unavailable_reason(x)}")
     if name in ("auto", "cpu") and x.device.type == "cpu":
         from . import cpu
 

@@ -138,10 +138,28 @@ def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    "shape,kernel,dilation", [((1, 7, 7, 2, 16), (7, 7), (1, 1)), ((1, 14, 14, 1, 16), (7, 7), (2, 2))]
+)
+def test_kernel_on_maps_of_whole_windows(shape, kernel, dilation) -> None:
+    """The kernel itself on maps whose groups are single windows (na2d runs those as grouped attention)."""
+    qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
+    leaves = [qkv.to(DEVICE).requires_grad_(), rpb.to(DEVICE).requires_grad_()]
+    out, _ = triton_na.na2d_triton(*leaves[0].unbind(3), leaves[1], list(kernel), list(dilation), 0.3)
+    ref_leaves = [qkv.clone().requires_grad_(), rpb.clone().requires_grad_()]
+    expected = reference.na2d(*ref_leaves[0].unbind(3), kernel, dilation, ref_leaves[1], 0.3)
+    torch.testing.assert_close(out.cpu(), expected, **TOL)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, leaves, grad.to(DEVICE))
+    for name, g, e in zip(("qkv", "rpb"), got, torch.autograd.grad(expected, ref_leaves, grad)):
+        torch.testing.assert_close(g.cpu(), e, **TOL, msg=name)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_half_precision_close_to_float32(dtype) -> None:
     """float16/bfloat16 q, k, v with a float32 rpb (as under autocast): within 1e-2 of float32."""
-    shape, kernel, dilation = (1, 14, 14, 1, 32), (7, 7), (2, 2)
+    shape, kernel, dilation = (1, 16, 15, 1, 32), (7, 7), (2, 2)
     qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
     results = {}
     for run_dtype in (torch.float32, dtype):

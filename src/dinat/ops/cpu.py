@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import grouped
 from .reference import axis_neighborhood, relative_position_bias
 
 Pair = tuple[int, int]
@@ -325,39 +326,10 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     return out.view(batch, heads, dim, height, width).permute(0, 1, 3, 4, 2).to(v.dtype)
 
 
-def _group_bias_index(kernel: Pair) -> tuple[Tensor, Tensor]:
-    """rpb row and column of every (query, key) pair of a kh x kw group: (KK, KK) each."""
-    rows, cols = torch.meshgrid(torch.arange(kernel[0]), torch.arange(kernel[1]), indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    return rows[None, :] - rows[:, None] + kernel[0] - 1, cols[None, :] - cols[:, None] + kernel[1] - 1
-
-
-def _full_group_attention(
-    q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float
-) -> Tensor:
-    """na2d when H == kh*dh and W == kw*dw: every dilation group is a kh x kw grid that each of its
-    queries attends whole, i.e. plain attention within groups (batched matmuls, like Swin's windows).
-    """
-    batch, height, width, heads, dim = q.shape
-    (kh, kw), (dh, dw) = kernel, dilation
-
-    def to_groups(x: Tensor) -> Tensor:  # (B, H, W, h, D) -> (B*dh*dw, h, kh*kw, D)
-        x = x.reshape(batch, kh, dh, kw, dw, heads, dim).permute(0, 2, 4, 5, 1, 3, 6)
-        return x.reshape(batch * dh * dw, heads, kh * kw, dim)
-
-    logits = (to_groups(q) * scale) @ to_groups(k).transpose(-1, -2)
-    if rpb is not None:
-        rows, cols = _group_bias_index(kernel)
-        logits = logits + rpb[:, rows.to(rpb.device), cols.to(rpb.device)]
-    out = logits.softmax(dim=-1) @ to_groups(v)
-    out = out.view(batch, dh, dw, heads, kh, kw, dim).permute(0, 4, 1, 5, 2, 3, 6)
-    return out.reshape(batch, height, width, heads, dim)
-
-
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     batch, height, width, heads, dim = q.shape
-    if (height, width) == (kernel[0] * dilation[0], kernel[1] * dilation[1]):
-        return _full_group_attention(q, k, v, kernel, dilation, rpb, scale)
+    if grouped.is_whole(height, width, kernel, dilation):
+        return grouped.attention(q, k, v, kernel, dilation, rpb, scale, sdpa=False)
     qc, kc, vc = (_channel_major(t, (0, 3, 4, 1, 2)) for t in (q, k, v))
     bias = None if rpb is None else rpb.to(qc.dtype)
     out, _ = na2d_fused(qc, kc, vc, bias, heads, scale, list(kernel), list(dilation))

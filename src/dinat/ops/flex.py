@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import grouped, reference
 
 Pair = tuple[int, int]
 
@@ -352,7 +352,10 @@ class _CpuNA2D(torch.autograd.Function):
 
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dil: Pair, rpb: Tensor | None, scale: float) -> Tensor:
-    """Fused neighborhood attention, tokens-first (B, H, W, heads, D), on flex_attention."""
+    """Fused neighborhood attention, tokens-first (B, H, W, heads, D), on flex_attention (maps whose
+    dilation groups are single windows: batched attention, :mod:`dinat.ops.grouped`)."""
+    if grouped.is_whole(q.shape[1], q.shape[2], kernel, dil):
+        return grouped.attention(q, k, v, kernel, dil, rpb, scale, sdpa=q.device.type == "cuda")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
     if q.device.type == "cpu":
         if needs_grad:

@@ -7,7 +7,8 @@ them on machines without a GPU. The dispatcher never picks this backend for CPU 
 
 The forward saves the output and its base-2 log-sum-exp, not the attention weights; the backward
 recomputes the weights tile by tile, in two kernels: one per query tile (dq and the rpb gradient),
-one per key tile (dk and dv). Both are deterministic (no atomics). The unfused ``na2d_qk`` /
+one per key tile (dk and dv). Both are deterministic (no atomics). Maps whose dilation groups are
+single windows run as batched attention (:mod:`dinat.ops.grouped`). The unfused ``na2d_qk`` /
 ``na2d_av`` are the reference ops: the fused kernel never forms the logits.
 """
 
@@ -19,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import reference
+from . import grouped, reference
 
 Pair = tuple[int, int]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -238,6 +239,8 @@ na2d_triton.register_autograd(_backward, setup_context=_setup)
 
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
+    if grouped.is_whole(q.shape[1], q.shape[2], kernel, dilation):
+        return grouped.attention(q, k, v, kernel, dilation, rpb, scale, sdpa=q.device.type == "cuda")
     out, _ = na2d_triton(q, k, v, rpb, list(kernel), list(dilation), scale)
     return out
 

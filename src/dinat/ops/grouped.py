@@ -1,0 +1,62 @@
+"""Neighborhood attention when every dilation group is exactly one window.
+
+When H == kh*dh and W == kw*dw, each dilation group (row mod dh, column mod dw) is a kh x kw grid
+and every query's clamped window is its whole group: the op is plain attention within groups, as
+Swin's window attention is within windows. The fast backends run it as batched attention instead
+of their neighborhood kernels (DiNAT's last level, and its dilated layers whose dilation fills the
+map).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Pair = tuple[int, int]
+
+
+def is_whole(height: int, width: int, kernel: Pair, dilation: Pair) -> bool:
+    """Whether every dilation group of an H x W map is exactly one kh x kw window."""
+    return (height, width) == (kernel[0] * dilation[0], kernel[1] * dilation[1])
+
+
+@functools.lru_cache(maxsize=32)
+def _bias_index(kernel: Pair) -> tuple[Tensor, Tensor]:
+    """rpb row and column of every (query, key) pair of a kh x kw group: (kh*kw, kh*kw) each."""
+    rows, cols = torch.meshgrid(torch.arange(kernel[0]), torch.arange(kernel[1]), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return rows[None, :] - rows[:, None] + kernel[0] - 1, cols[None, :] - cols[:, None] + kernel[1] - 1
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float, sdpa: bool
+) -> Tensor:
+    """na2d for :func:`is_whole` maps, tokens-first (B, H, W, heads, D) in and out.
+
+    ``sdpa``: run ``scaled_dot_product_attention`` (fused kernels, the choice on CUDA) rather than
+    matmul + softmax + matmul (faster on the CPU for 49-token groups: see BENCHMARKS.md).
+    """
+    batch, height, width, heads, dim = q.shape
+    (kh, kw), (dh, dw) = kernel, dilation
+
+    def to_groups(x: Tensor) -> Tensor:  # (B, H, W, h, D) -> (B*dh*dw, h, kh*kw, D)
+        x = x.reshape(batch, kh, dh, kw, dw, heads, dim).permute(0, 2, 4, 5, 1, 3, 6)
+        return x.reshape(batch * dh * dw, heads, kh * kw, dim)
+
+    bias = None
+    if rpb is not None:
+        rows, cols = (index.to(rpb.device) for index in _bias_index(kernel))
+        bias = rpb[:, rows, cols]  # (heads, kh*kw, kh*kw)
+    qg, kg, vg = to_groups(q), to_groups(k), to_groups(v)
+    if sdpa:
+        mask = None if bias is None else bias.to(q.dtype)  # sdpa wants the mask in q's dtype
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    else:
+        logits = (qg * scale) @ kg.transpose(-1, -2)
+        weights = (logits if bias is None else logits + bias).softmax(dim=-1)  # float32 with a float32 rpb
+        out = weights.to(vg.dtype) @ vg
+    out = out.view(batch, dh, dw, heads, kh, kw, dim).permute(0, 4, 1, 5, 2, 3, 6)
+    return out.reshape(batch, height, width, heads, dim)

@@ -1,0 +1,50 @@
+"""Maps whose dilation groups are single windows run as batched attention (dinat.ops.grouped)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinat.ops import grouped, reference
+
+# (B, H, W, heads, D), kernel, dilation: every group is exactly one window
+WHOLE = [
+    ((2, 7, 7, 3, 8), (7, 7), (1, 1)),
+    ((1, 14, 14, 2, 16), (7, 7), (2, 2)),
+    ((2, 12, 15, 1, 8), (3, 5), (4, 3)),
+]
+
+
+def test_is_whole() -> None:
+    assert grouped.is_whole(14, 14, (7, 7), (2, 2)) and grouped.is_whole(12, 15, (3, 5), (4, 3))
+    assert not grouped.is_whole(14, 14, (7, 7), (1, 1)) and not grouped.is_whole(15, 14, (7, 7), (2, 2))
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
+@pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
+@pytest.mark.parametrize("shape,kernel,dilation", WHOLE, ids=[str(c[0][1:3]) for c in WHOLE])
+def test_equals_the_definition(shape, kernel, dilation, with_rpb, sdpa) -> None:
+    """Forward and every gradient, float64, against the reference (which gathers neighborhoods)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb_shape = (shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1)
+    rpb = torch.randn(rpb_shape, generator=gen, dtype=torch.float64, requires_grad=True) if with_rpb else None
+    leaves = [t for t in (q, k, v, rpb) if t is not None]
+    out = grouped.attention(q, k, v, kernel, dilation, rpb, 0.4, sdpa=sdpa)
+    expected = reference.na2d(q, k, v, kernel, dilation, rpb, 0.4)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
+def test_low_precision_inputs_with_a_float32_rpb(sdpa) -> None:
+    """As under autocast: bfloat16 q, k, v and a float32 rpb give a bfloat16 result close to float32."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 14, 14, 2, 16, generator=gen) for _ in range(3))
+    rpb = torch.randn(2, 13, 13, generator=gen)
+    low = grouped.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), (7, 7), (2, 2), rpb, 0.25, sdpa=sdpa)
+    assert low.dtype == torch.bfloat16
+    full = grouped.attention(q, k, v, (7, 7), (2, 2), rpb, 0.25, sdpa=sdpa)
+    torch.testing.assert_close(low.float(), full, rtol=2e-2, atol=2e-2)

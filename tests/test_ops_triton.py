@@ -1,55 +1,34 @@
-"""The Triton backend (hand-written fused kernels) against the original's outputs and the reference.
-
-On CUDA the compiled kernels are tested. Without CUDA the same tests run in Triton's interpreter:
-``test_in_triton_interpreter`` re-runs this file in a subprocess with TRITON_INTERPRET=1 (the
-interpreter has to be chosen before triton is imported). The interpreter has no bfloat16 matmul, so
+"""The Triton backend's fused op against the original's outputs and the reference (running on
+CUDA, or in Triton's interpreter: see _triton_utils). The interpreter has no bfloat16 matmul, so
 there half precision means float16 only.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from conftest import DATA
+from _triton_utils import (
+    DEVICE,
+    GOLDEN,
+    GOLDEN_IDS,
+    HAS_TRITON,
+    INTERPRETED,
+    RUNNABLE,
+    TOL,
+    needs_interpreter_run,
+    needs_kernels,
+    run_interpreted,
+)
 from dinat.layers import NeighborhoodAttention2D
 from dinat.ops import current_backend, na2d, reference, triton_na, use_backend
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
-RUNNABLE = HAS_TRITON and triton_na.available(torch.empty(0, device=DEVICE))
-needs_kernels = pytest.mark.skipif(not RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1 (see the module doc)")
 HALF_DTYPES = [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch.bfloat16]
-GOLDEN = torch.load(DATA / "na2d_ops.pt")["cases"]
 
 
-def _head_zero(case: dict) -> dict:
-    """The case restricted to head 0: heads are independent, and rpb's gradient is per head."""
-    heads_axis = {"rpb": 0, "grad_rpb": 0}  # the heads axis of each tensor; dimension 1 for the rest
-    return {n: t.narrow(heads_axis.get(n, 1), 0, 1) if isinstance(t, torch.Tensor) else t for n, t in case.items()}
-
-
-if DEVICE.type == "cpu":  # the interpreter is slow
-    GOLDEN = [_head_zero(case) for case in GOLDEN]
-TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available() or not HAS_TRITON, reason="runs the file interpreted")
+@needs_interpreter_run
 def test_in_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    env.pop("PYTEST_XDIST_WORKER", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
-    command += ["-k", "not in_triton_interpreter and not compile_for_gpus"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+    run_interpreted(__file__, deselect="compile_for_gpus")
 
 
 @pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="compiles real kernels (Triton installed, not interpreting)")
@@ -68,7 +47,7 @@ def test_in_triton_interpreter() -> None:
 def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> None:
     """Down to the cubin, for A100 and H100, without a GPU: what the interpreter cannot check."""
     compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb)
-    assert sorted(compiled) == ["forward", "key", "query"]
+    assert sorted(compiled) == ["dot", "forward", "key", "query", "scatter", "weighted_sum"]
     for kernel_binary in compiled.values():
         assert kernel_binary.asm["cubin"] and f"sm_{arch}" in kernel_binary.asm["ptx"]
 
@@ -79,9 +58,7 @@ def _fused(q, k, v, kernel, dilation, rpb, scale, backend):
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "case", GOLDEN, ids=[f"k{c['kernel_size']}-d{c['dilation']}-{tuple(c['q'].shape)}" for c in GOLDEN]
-)
+@pytest.mark.parametrize("case", GOLDEN, ids=GOLDEN_IDS)
 def test_golden_cases(case: dict) -> None:
     """na2d (scale=1) equals the original's qk -> softmax -> av, forward and every gradient."""
     q, k, v = (case[n].permute(0, 2, 3, 1, 4).to(DEVICE).requires_grad_() for n in ("q", "k", "v"))

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import grouped
+from . import grouped, primitives
 from .reference import axis_neighborhood, relative_position_bias
 
 Pair = tuple[int, int]
@@ -258,36 +258,7 @@ def _(p, a, kernel, dilation):
     return torch.empty_like(a)
 
 
-def _setup(ctx, inputs, output) -> None:
-    first, second, kernel, dilation = inputs
-    ctx.save_for_backward(first, second)
-    ctx.geometry = (kernel, dilation)
-
-
-def _dot_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    grad_a = na_weighted_sum(grad, b, *ctx.geometry) if ctx.needs_input_grad[0] else None
-    grad_b = na_scatter(grad, a, *ctx.geometry) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None, None
-
-
-def _weighted_sum_backward(ctx, grad):
-    p, b = ctx.saved_tensors
-    grad_p = na_dot(grad, b, *ctx.geometry) if ctx.needs_input_grad[0] else None
-    grad_b = na_scatter(p, grad, *ctx.geometry) if ctx.needs_input_grad[1] else None
-    return grad_p, grad_b, None, None
-
-
-def _scatter_backward(ctx, grad):
-    p, a = ctx.saved_tensors
-    grad_p = na_dot(a, grad, *ctx.geometry) if ctx.needs_input_grad[0] else None
-    grad_a = na_weighted_sum(p, grad, *ctx.geometry) if ctx.needs_input_grad[1] else None
-    return grad_p, grad_a, None, None
-
-
-na_dot.register_autograd(_dot_backward, setup_context=_setup)
-na_weighted_sum.register_autograd(_weighted_sum_backward, setup_context=_setup)
-na_scatter.register_autograd(_scatter_backward, setup_context=_setup)
+primitives.register_gradients(na_dot, na_weighted_sum, na_scatter)
 
 
 # -- the backend interface (see functional.py) -------------------------------------------------

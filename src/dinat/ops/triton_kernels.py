@@ -254,3 +254,112 @@ def na2d_backward_key_kernel(
     out = (((b * height + key_row) * width + key_cols[:, None]) * heads + n) * head_dim + d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# The unfused ops' three primitives, on (N, H, W, D) features and (N, H, W, kh*kw) weights, all
+# contiguous (N = batch * heads). They are closed under differentiation (see primitives.py).
+
+
+@triton.jit
+def _neighbor_ptrs(base, n, key_row, key_cols, d, height, width, head_dim):
+    """Pointers (queries, kw, D) to the features d of each query's kw keys in ``key_row``."""
+    return base + ((n * height + key_row) * width + key_cols[:, :, None]) * head_dim + d[None, None, :]
+
+
+@triton.jit
+def na_dot_kernel(
+    A, B, OUT, height, width, head_dim, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, KW_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """OUT[query, i*kw + j] = A[query] . B[its key (i, j)]."""
+    n, row = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    group, place, valid, start, _, _ = _query_tile(tl.program_id(2), width, dil_w, BLOCK_M, KW)
+    cols = group + dil_w * place
+    j = tl.arange(0, KW_PAD)
+    pair_ok = valid[:, None] & (j < KW)[None, :]
+    key_cols = group + dil_w * (start[:, None] + j[None, :])
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    tokens = (n * height + row) * width + cols
+    a = tl.load(A + tokens[:, None] * head_dim + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+    row_group, row_place = row % dil_h, row // dil_h
+    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+    for i in range(KH):
+        key_row = row_group + dil_h * (row_start + i)
+        b = tl.load(_neighbor_ptrs(B, n, key_row, key_cols, d, height, width, head_dim),
+                    mask=pair_ok[:, :, None] & d_ok[None, None, :], other=0.0)  # fmt: skip
+        dots = tl.sum(a[:, None, :].to(tl.float32) * b.to(tl.float32), 2)
+        out = OUT + tokens[:, None] * (KH * KW) + i * KW + j[None, :]
+        tl.store(out, dots.to(OUT.dtype.element_ty), mask=pair_ok)
+
+
+@triton.jit
+def na_weighted_sum_kernel(
+    P, B, OUT, height, width, head_dim, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, KW_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """OUT[query] = sum over its keys (i, j) of P[query, i*kw + j] * B[key]."""
+    n, row = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    group, place, valid, start, _, _ = _query_tile(tl.program_id(2), width, dil_w, BLOCK_M, KW)
+    cols = group + dil_w * place
+    j = tl.arange(0, KW_PAD)
+    pair_ok = valid[:, None] & (j < KW)[None, :]
+    key_cols = group + dil_w * (start[:, None] + j[None, :])
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    tokens = (n * height + row) * width + cols
+    row_group, row_place = row % dil_h, row // dil_h
+    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for i in range(KH):
+        key_row = row_group + dil_h * (row_start + i)
+        p = tl.load(P + tokens[:, None] * (KH * KW) + i * KW + j[None, :], mask=pair_ok, other=0.0)
+        b = tl.load(_neighbor_ptrs(B, n, key_row, key_cols, d, height, width, head_dim),
+                    mask=pair_ok[:, :, None] & d_ok[None, None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(p[:, :, None].to(tl.float32) * b.to(tl.float32), 1)
+    out = OUT + tokens[:, None] * head_dim + d[None, :]
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def na_scatter_kernel(
+    P, A, OUT, height, width, head_dim, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """OUT[key] = sum over the (query, i*kw + j) pairs that see this key of P[query, i*kw + j] * A[query].
+
+    One program per BLOCK_N key places of one row and column group, as na2d_backward_key_kernel.
+    """
+    n, key_row, pid_col = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    group = pid_col % dil_w
+    group_len = _group_len(width, group, dil_w)
+    key_first = (pid_col // dil_w) * BLOCK_N
+    key_place = key_first + tl.arange(0, BLOCK_N)
+    key_valid = key_place < group_len
+    key_last = tl.minimum(key_first + BLOCK_N, group_len) - 1
+    query_lo = tl.where(key_first < KW, 0, key_first - KW // 2)
+    query_hi = tl.where(key_last >= group_len - KW, group_len - 1, key_last + KW // 2)
+    row_group, key_row_place = key_row % dil_h, key_row // dil_h
+    rows_len = _group_len(height, row_group, dil_h)
+    row_lo = tl.where(key_row_place < KH, 0, key_row_place - KH // 2)
+    row_hi = tl.where(key_row_place >= rows_len - KH, rows_len - 1, key_row_place + KH // 2)
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for query_row_place in range(row_lo, row_hi + 1):
+        row = row_group + dil_h * query_row_place
+        i = key_row_place - _window_start(query_row_place, rows_len, KH)  # this key row's index in the window
+        for first in range(query_lo, query_hi + 1, BLOCK_M):
+            place = first + tl.arange(0, BLOCK_M)
+            valid = place <= query_hi
+            tokens = (n * height + row) * width + group + dil_w * place
+            rel = key_place[:, None] - _window_start(place, group_len, KW)[None, :]
+            in_window = (rel >= 0) & (rel < KW) & valid[None, :] & key_valid[:, None]
+            p = tl.load(P + tokens[None, :] * (KH * KW) + i * KW + rel, mask=in_window, other=0.0)  # keys x queries
+            a = tl.load(A + tokens[:, None] * head_dim + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.dot(p.to(a.dtype), a, input_precision=PRECISION)
+    out = OUT + ((n * height + key_row) * width + group + dil_w * key_place[:, None]) * head_dim + d[None, :]
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=key_valid[:, None] & d_ok[None, :])

@@ -9,7 +9,7 @@ The forward saves the output and its base-2 log-sum-exp, not the attention weigh
 recomputes the weights tile by tile, in two kernels: one per query tile (dq and the rpb gradient),
 one per key tile (dk and dv). Both are deterministic (no atomics). Maps whose dilation groups are
 single windows run as batched attention (:mod:`dinat.ops.grouped`). The unfused ``na2d_qk`` /
-``na2d_av`` are the reference ops: the fused kernel never forms the logits.
+``na2d_av`` run on three more kernels, the primitives of :mod:`dinat.ops.primitives`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import grouped, reference
+from . import grouped, primitives, reference
 
 Pair = tuple[int, int]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,27 +64,33 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool) -> dict:
-    """Compile-time parameters of kernel ``name``: 'forward', 'query' (dq, rpb) or 'key' (dk, dv)."""
+def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool = False) -> dict:
+    """Compile-time parameters of kernel ``name``: the fused op's 'forward', 'query' (dq, rpb) and 'key'
+    (dk, dv), and the primitives 'dot', 'weighted_sum' and 'scatter'."""
+    kh, kw = kernel
+    if name in ("dot", "weighted_sum"):  # (queries, kw, D) tiles, no matrix product
+        return dict(KH=kh, KW=kw, KW_PAD=_next_power_of_2(kw), BLOCK_M=_QUERY_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     params = dict(
-        KH=kernel[0],
-        KW=kernel[1],
-        HAS_RPB=has_rpb,
-        BLOCK_D=max(16, _next_power_of_2(head_dim)),
+        KH=kh,
+        KW=kw,
+        BLOCK_D=max(16, _next_power_of_2(head_dim)),  # tl.dot needs 16
         PRECISION=fp32_precision if dtype == torch.float32 else "tf32",
     )
     # the key places a query tile needs along a row: the tile's places plus the window's overhang
-    window = _next_power_of_2(_QUERY_BLOCK + kernel[1] - 1)
+    window = _next_power_of_2(_QUERY_BLOCK + kw - 1)
+    if name == "scatter":
+        return {**params, "BLOCK_M": window, "BLOCK_N": _QUERY_BLOCK}
+    params["HAS_RPB"] = has_rpb
     if name == "key":
         return {**params, "BLOCK_M": window, "BLOCK_N": _QUERY_BLOCK}
     if name == "query":
-        params["BIAS_COLS"] = _next_power_of_2(2 * kernel[1] - 1)
+        params["BIAS_COLS"] = _next_power_of_2(2 * kw - 1)
     return {**params, "BLOCK_M": _QUERY_BLOCK, "BLOCK_N": window}
 
 
 def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool) -> dict:
-    """Build the three kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
+    """Build the six kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
     time, down to the cubin, with the parameters a launch would use. Needs no GPU: this is how the
     suite checks on CPU-only machines that the kernels compile for real devices."""
     import triton
@@ -99,6 +105,9 @@ def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int,
         ("forward", triton_kernels.na2d_forward_kernel),
         ("query", triton_kernels.na2d_backward_query_kernel),
         ("key", triton_kernels.na2d_backward_key_kernel),
+        ("dot", triton_kernels.na_dot_kernel),
+        ("weighted_sum", triton_kernels.na_weighted_sum_kernel),
+        ("scatter", triton_kernels.na_scatter_kernel),
     ):
         constexprs = _constexprs(name, dtype, kernel, head_dim, has_rpb)
         signature = {}
@@ -245,14 +254,107 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Ten
     return out
 
 
+# -- the unfused ops: three primitives on (N, H, W, D) features and (N, H, W, kh*kw) weights ------
+
+
+def _primitive_grid(features: Tensor, dilation: list[int]) -> tuple[int, int, int]:
+    return _grid(features.unsqueeze(3), dilation[1], _QUERY_BLOCK)
+
+
+def _geometry_args(features: Tensor, dilation: list[int]) -> tuple[int, ...]:
+    _, height, width, dim = features.shape
+    return height, width, dim, dilation[0], dilation[1]
+
+
+@torch.library.custom_op("dinat::na_dot_triton", mutates_args=())
+def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """(N, H, W, D) x (N, H, W, D) -> (N, H, W, kh*kw): a . b over each query's neighbors."""
+    from . import triton_kernels
+
+    a, b = a.contiguous(), b.contiguous()
+    out = a.new_empty(*a.shape[:3], kernel[0] * kernel[1])
+    triton_kernels.na_dot_kernel[_primitive_grid(a, dilation)](
+        a,
+        b,
+        out,
+        *_geometry_args(a, dilation),
+        **_constexprs("dot", a.dtype, kernel, a.shape[-1]),
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+@torch.library.custom_op("dinat::na_weighted_sum_triton", mutates_args=())
+def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """(N, H, W, kh*kw) x (N, H, W, D) -> (N, H, W, D): sum of neighbors of b weighted by p."""
+    from . import triton_kernels
+
+    p, b = p.contiguous(), b.contiguous()
+    out = torch.empty_like(b)
+    triton_kernels.na_weighted_sum_kernel[_primitive_grid(b, dilation)](
+        p,
+        b,
+        out,
+        *_geometry_args(b, dilation),
+        **_constexprs("weighted_sum", b.dtype, kernel, b.shape[-1]),
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+@torch.library.custom_op("dinat::na_scatter_triton", mutates_args=())
+def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """(N, H, W, kh*kw) x (N, H, W, D) -> (N, H, W, D): each key gathers p * a from its queries."""
+    from . import triton_kernels
+
+    p, a = p.contiguous(), a.contiguous()
+    out = torch.empty_like(a)
+    triton_kernels.na_scatter_kernel[_primitive_grid(a, dilation)](
+        p,
+        a,
+        out,
+        *_geometry_args(a, dilation),
+        **_constexprs("scatter", a.dtype, kernel, a.shape[-1]),
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+@na_dot.register_fake
+def _(a, b, kernel, dilation):
+    return a.new_empty(*a.shape[:3], kernel[0] * kernel[1])
+
+
+@na_weighted_sum.register_fake
+def _(p, b, kernel, dilation):
+    return torch.empty_like(b, memory_format=torch.contiguous_format)
+
+
+@na_scatter.register_fake
+def _(p, a, kernel, dilation):
+    return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+
+primitives.register_gradients(na_dot, na_weighted_sum, na_scatter)
+
+
 def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None) -> Tensor:
-    """Logits, heads-first: the reference op (the fused kernel never forms them)."""
-    return reference.na2d_qk(q, k, kernel, dilation, rpb)
+    """Logits, heads-first (B, heads, H, W, kh*kw); the rpb is added (and differentiated) by PyTorch."""
+    batch, heads, height, width, dim = q.shape
+    flat = (batch * heads, height, width, dim)
+    logits = na_dot(q.reshape(flat), k.reshape(flat), list(kernel), list(dilation))
+    logits = logits.view(batch, heads, height, width, -1)
+    if rpb is not None:
+        logits = logits + reference.relative_position_bias(rpb, height, width, kernel, dilation)
+    return logits.to(q.dtype)
 
 
 def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
-    """Weighted sum, heads-first: the reference op (the fused kernel takes no weights)."""
-    return reference.na2d_av(attn, v, kernel, dilation)
+    """Weighted sum of each query's neighborhood of v, heads-first (B, heads, H, W, D)."""
+    batch, heads, height, width, dim = v.shape
+    weights = attn.to(v.dtype).reshape(batch * heads, height, width, -1)
+    out = na_weighted_sum(weights, v.reshape(batch * heads, height, width, dim), list(kernel), list(dilation))
+    return out.view(batch, heads, height, width, dim)
 
 
 __all__ = ["available", "unavailable_reason", "compile_for_cuda", "na2d", "na2d_qk", "na2d_av"]

@@ -1,0 +1,45 @@
+"""The gradients of the unfused ops' three primitives, for every backend that provides them.
+
+With key(q, t) the t-th neighbor of query q (t = i * kw + j):
+
+* ``dot(a, b)[q, t] = a[q] . b[key(q, t)]``                      (the logits, q.k)
+* ``weighted_sum(p, b)[q] = sum_t p[q, t] b[key(q, t)]``         (attention @ v)
+* ``scatter(p, a)[k] = sum of p[q, t] a[q] over key(q, t) = k``  (the keys' and values' gradients)
+
+The gradient of each is made of the other two, so registering these formulas once gives every
+order of derivative. Each backend's primitives are ``torch.library`` custom ops taking
+``(first, second, kernel, dilation)``, in whatever consistent layout that backend uses.
+"""
+
+from __future__ import annotations
+
+
+def register_gradients(dot, weighted_sum, scatter) -> None:
+    """Register the autograd formulas of one backend's three primitive custom ops."""
+
+    def setup(ctx, inputs, output) -> None:
+        first, second, kernel, dilation = inputs
+        ctx.save_for_backward(first, second)
+        ctx.geometry = (kernel, dilation)
+
+    def dot_backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = weighted_sum(grad, b, *ctx.geometry) if ctx.needs_input_grad[0] else None
+        grad_b = scatter(grad, a, *ctx.geometry) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None, None
+
+    def weighted_sum_backward(ctx, grad):
+        p, b = ctx.saved_tensors
+        grad_p = dot(grad, b, *ctx.geometry) if ctx.needs_input_grad[0] else None
+        grad_b = scatter(p, grad, *ctx.geometry) if ctx.needs_input_grad[1] else None
+        return grad_p, grad_b, None, None
+
+    def scatter_backward(ctx, grad):
+        p, a = ctx.saved_tensors
+        grad_p = dot(a, grad, *ctx.geometry) if ctx.needs_input_grad[0] else None
+        grad_a = weighted_sum(p, grad, *ctx.geometry) if ctx.needs_input_grad[1] else None
+        return grad_p, grad_a, None, None
+
+    dot.register_autograd(dot_backward, setup_context=setup)
+    weighted_sum.register_autograd(weighted_sum_backward, setup_context=setup)
+    scatter.register_autograd(scatter_backward, setup_context=setup)

@@ -1,0 +1,54 @@
+"""Shared pieces of the Triton backend's tests (test_ops_triton*.py).
+
+On CUDA the compiled kernels are tested. Without CUDA the same tests run in Triton's interpreter:
+each file's ``test_in_triton_interpreter`` re-runs that file in a subprocess with TRITON_INTERPRET=1
+(the interpreter has to be chosen before triton is imported); two files, so that the two pytest
+workers share the (slow) interpreted runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA
+from dinat.ops import triton_na
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
+RUNNABLE = HAS_TRITON and triton_na.available(torch.empty(0, device=DEVICE))
+needs_kernels = pytest.mark.skipif(not RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1 (see _triton_utils)")
+needs_interpreter_run = pytest.mark.skipif(
+    INTERPRETED or torch.cuda.is_available() or not HAS_TRITON, reason="runs the file in the interpreter"
+)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _head_zero(case: dict) -> dict:
+    """The case restricted to head 0: heads are independent, and rpb's gradient is per head."""
+    heads_axis = {"rpb": 0, "grad_rpb": 0}  # the heads axis of each tensor; dimension 1 for the rest
+    return {n: t.narrow(heads_axis.get(n, 1), 0, 1) if isinstance(t, torch.Tensor) else t for n, t in case.items()}
+
+
+GOLDEN = torch.load(DATA / "na2d_ops.pt")["cases"]
+if DEVICE.type == "cpu":  # the interpreter is slow
+    GOLDEN = [_head_zero(case) for case in GOLDEN]
+GOLDEN_IDS = [f"k{c['kernel_size']}-d{c['dilation']}-{tuple(c['q'].shape)}" for c in GOLDEN]
+
+
+def run_interpreted(test_file: str, deselect: str = "") -> None:
+    """Run ``test_file`` in a subprocess with TRITON_INTERPRET=1; every test must pass, none skip."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test_file]
+    command += ["-k", "not in_triton_interpreter" + (f" and not {deselect}" if deselect else "")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(test_file).parent.parent)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]

@@ -1,0 +1,55 @@
+"""The Triton backend's unfused ops (na2d_qk, na2d_av: three primitive kernels) against the
+original's outputs and the reference (running on CUDA, or in Triton's interpreter: see _triton_utils).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _triton_utils import DEVICE, GOLDEN, GOLDEN_IDS, TOL, needs_interpreter_run, needs_kernels, run_interpreted
+from dinat.ops import na2d_av, na2d_qk, use_backend
+
+
+@needs_interpreter_run
+def test_in_triton_interpreter() -> None:
+    run_interpreted(__file__)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", GOLDEN, ids=GOLDEN_IDS)
+def test_unfused_golden_cases(case: dict) -> None:
+    """na2d_qk -> softmax -> na2d_av (heads-first) equal the original, logits and every gradient."""
+    q, k, v = (case[n].to(DEVICE).requires_grad_() for n in ("q", "k", "v"))
+    rpb = None if case["rpb"] is None else case["rpb"].to(DEVICE).requires_grad_()
+    with use_backend("triton"):
+        logits = na2d_qk(q, k, case["kernel_size"], case["dilation"], rpb)
+        out = na2d_av(logits.softmax(-1), v, case["kernel_size"], case["dilation"])
+    torch.testing.assert_close(logits.cpu(), case["logits"], **TOL)
+    torch.testing.assert_close(out.cpu(), case["out"], **TOL)
+    out.backward(case["grad_out"].to(DEVICE))
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("rpb", rpb)):
+        if tensor is not None:
+            torch.testing.assert_close(tensor.grad.cpu(), case[f"grad_{name}"], **TOL, msg=f"grad_{name}")
+
+
+@needs_kernels
+def test_unfused_double_backward() -> None:
+    """The primitives are closed under differentiation: second derivatives equal the reference's."""
+    kernel, dilation = (5, 3), (2, 3)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 13, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(2, 9, 5, generator=gen, dtype=torch.float64)
+
+    def second_derivatives(backend: str, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        leaves = [t.to(DEVICE).requires_grad_() for t in inputs]
+        with use_backend(backend):
+            logits = na2d_qk(*leaves[:2], kernel, dilation, leaves[3])
+            out = na2d_av(logits.softmax(-1), leaves[2], kernel, dilation)
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+    got = second_derivatives("triton", [t.float() for t in (q, k, v, rpb)])
+    expected = second_derivatives("reference", [q, k, v, rpb])
+    for name, g, e in zip(("q", "k", "v", "rpb"), got, expected):
+        torch.testing.assert_close(g.cpu().double(), e.cpu(), rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)

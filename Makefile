@@ -24,15 +24,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m dinat.cli bench --output bench_results
 
-# On a machine with a CUDA GPU: the CUDA op tests, then op and model figures for both CUDA attention
-# backends (bfloat16, batch 128) -> bench_results/cuda-{flex,triton}/bench.json
+# On a machine with a CUDA GPU: the CUDA op tests, then one run timing both CUDA attention backends
+# (triton, the default, and flex) against window attention and Swin-T (bfloat16, batch 128).
 bench-cuda: $(STAMP)
-	$(PY) -m pytest -q tests/test_ops_flex.py tests/test_ops_triton.py
-	for backend in flex triton; do \
-		$(PY) -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --repeats 20 --no-reference \
-			--backend $$backend --models dinat_mini swin_tiny_patch4_window7_224 \
-			--output bench_results/cuda-$$backend || exit 1; \
-	done
+	$(PY) -m pytest -q tests/test_ops_flex.py tests/test_ops_triton.py tests/test_ops_triton_unfused.py
+	$(PY) -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --repeats 20 --no-reference \
+		--compare flex --models dinat_mini dinat_mini@flex swin_tiny_patch4_window7_224 \
+		--output bench_results/cuda
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests

@@ -21,6 +21,17 @@ def test_bench_runs_and_writes_json(tmp_path, capsys) -> None:
     assert "fast_fwd_vs_window" in capsys.readouterr().out
 
 
+def test_bench_compares_backends_in_one_run(tmp_path) -> None:
+    """--compare adds forced-backend op columns; NAME@BACKEND runs a model on another backend."""
+    argv = ["--batch", "1", "--repeats", "1", "--no-reference", "--threads", "1", "--compare", "cpu"]
+    results = bench.main([*argv, "--models", "dinat_nano", "dinat_nano@reference", "--output", str(tmp_path)])
+    assert all(row["cpu_fwd_ms"] > 0 and "cpu_fwdbwd_vs_window" in row for row in results["op"])
+    assert [row["model"] for row in results["model"]] == ["dinat_nano", "dinat_nano@reference"]
+    assert all(row["train_img_s"] > 0 for row in results["model"])
+
+
 def test_bench_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--batch", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "dinat_nano@fast"])

@@ -89,7 +89,9 @@ def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return step
 
 
-def op_rows(batch: int, repeats: int, include_reference: bool, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def op_rows(batch: int, repeats: int, backends: list[str], device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """One row per DiNAT-Mini level shape: ``fast`` (the automatic backend), window and dense
+    attention, and each of ``backends`` forced (e.g. the reference, or another CUDA backend)."""
     rows = []
     for size, heads, dilations in DINAT_MINI_LEVELS:
         for dilation in dilations:
@@ -105,13 +107,13 @@ def op_rows(batch: int, repeats: int, include_reference: bool, device: torch.dev
                 "window": lambda q=q, k=k, v=v, bias=bias: window_attention(q, k, v, bias),
                 "dense_sdpa": lambda q=q, k=k, v=v: dense_attention(q, k, v),
             }
-            if include_reference:
+            for backend in backends:
 
-                def reference(q=q, k=k, v=v, rpb=rpb, dilation=dilation):
-                    with use_backend("reference"):
+                def forced(q=q, k=k, v=v, rpb=rpb, dilation=dilation, backend=backend):
+                    with use_backend(backend):
                         return na2d(q, k, v, 7, dilation, rpb)
 
-                forwards["reference"] = reference
+                forwards[backend] = forced
             with torch.no_grad():
                 fwd = interleaved_medians(forwards, repeats, device)
             both = interleaved_medians({n: _with_backward(f) for n, f in forwards.items()}, repeats, device)
@@ -150,7 +152,7 @@ def peak_train_memory_mb(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        with use_backend(backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             model(images).float().logsumexp(-1).mean().backward()
         peak = torch.cuda.max_memory_allocated(device) - before
         del model, images
@@ -182,25 +184,28 @@ def model_rows(
     dtype: torch.dtype,
     backend: str = "auto",
 ) -> list[dict]:
+    """Images/s (inference, training step) and training peak memory of each model. A name may end
+    in ``@backend`` (``dinat_mini@flex``) to run that entry's attention on another backend."""
     torch.manual_seed(0)
-    built = {name: _build(name).to(device) for name in names}
+    parsed = {name: (name.partition("@")[0], name.partition("@")[2] or backend) for name in names}
+    built = {name: _build(model_name).to(device) for name, (model_name, _) in parsed.items()}
     images = torch.randn(batch, 3, 224, 224, device=device)
     targets = torch.zeros(batch, dtype=torch.long, device=device)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def inference(model):
+    def inference(name):
         def run():
-            with torch.inference_mode(), torch.autocast(**autocast):
-                model(images)
+            with use_backend(parsed[name][1]), torch.inference_mode(), torch.autocast(**autocast):
+                built[name](images)
 
         return run
 
-    def train_step(model):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def train_step(name):
+        optimizer = torch.optim.AdamW(built[name].parameters(), lr=1e-4)
 
         def run():
-            with torch.autocast(**autocast):
-                loss = F.cross_entropy(model(images).float(), targets)
+            with use_backend(parsed[name][1]), torch.autocast(**autocast):
+                loss = F.cross_entropy(built[name](images).float(), targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -209,19 +214,20 @@ def model_rows(
 
     for model in built.values():
         model.eval()
-    infer = interleaved_medians({n: inference(m) for n, m in built.items()}, repeats, device)
+    infer = interleaved_medians({name: inference(name) for name in names}, repeats, device)
     for model in built.values():
         model.train()
-    train = interleaved_medians({n: train_step(m) for n, m in built.items()}, max(3, repeats // 2), device)
-    del built
+    train = interleaved_medians({name: train_step(name) for name in names}, max(3, repeats // 2), device)
+    built.clear()
     rows = []
     for name in names:
+        model_name, model_backend = parsed[name]
         rows.append(
             {
                 "model": name,
                 "infer_img_s": batch / infer[name],
                 "train_img_s": batch / train[name],
-                "train_peak_mem_mb": peak_train_memory_mb(name, batch, threads, device, dtype, backend),
+                "train_peak_mem_mb": peak_train_memory_mb(model_name, batch, threads, device, dtype, model_backend),
             }
         )
     base = next((r for r in rows if r["model"] == YARDSTICKS[0]), None)
@@ -247,8 +253,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--models", nargs="+", default=OURS + YARDSTICKS)
+    parser.add_argument(
+        "--models", nargs="+", default=OURS + YARDSTICKS, help="timm names; NAME@BACKEND runs NAME on that backend"
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference op")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        choices=[b for b in BACKENDS if b not in ("auto", "reference")],
+        help="also time the op on these backends (e.g. flex on CUDA, where the default is triton)",
+    )
     parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="attention backend of the op rows and our models"
     )
@@ -264,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
+    for name in args.models:
+        if name.partition("@")[2] not in ("", *BACKENDS):
+            parser.error(f"--models {name}: the backend after '@' must be one of {BACKENDS}")
     if args.batch < 1 or args.threads < 1 or args.repeats < 1:
         parser.error(f"--batch, --threads, --repeats must be >= 1, got {args.batch}, {args.threads}, {args.repeats}")
     torch.set_num_threads(args.threads)
@@ -279,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     with use_backend(args.backend):
         if args.suite in ("op", "all"):
             print(f"op: DiNAT-Mini level shapes, batch {args.batch}, head dim 32, kernel 7, {args.threads} threads")
-            results["op"] = op_rows(args.batch, args.repeats, not args.no_reference, device, dtype)
+            forced = args.compare + ([] if args.no_reference else ["reference"])
+            results["op"] = op_rows(args.batch, args.repeats, forced, device, dtype)
         if args.suite in ("model", "all"):
             print(f"model: 224 px, batch {args.batch}, {args.dtype}, {args.threads} threads", flush=True)
             results["model"] = model_rows(
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.output / "bench.json"
     path.write_text(json.dumps(results, indent=2))
     if "op" in results:
-        names = ["fast", "window", "dense_sdpa"] + ([] if args.no_reference else ["reference"])
+        names = ["fast", "window", "dense_sdpa"] + args.compare + ([] if args.no_reference else ["reference"])
         cols = ["shape"] + [f"{n}_fwd_ms" for n in names] + ["fast_fwd_vs_window"]
         cols += [f"{n}_fwdbwd_ms" for n in names] + ["fast_fwdbwd_vs_window"]
         print("\n" + _table(results["op"], cols))

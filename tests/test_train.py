@@ -200,3 +200,23 @@ def test_amp_is_bfloat16_by_default_and_float16_gets_a_scaler(
     assert (scaler is not None) == scaled
     with pytest.raises(ConfigError, match="'float8'"):
         validate.autocast_and_scaler(True, "float8", torch.device(device))
+
+
+def test_device_names(monkeypatch):
+    """'cuda' means this process's GPU; a device that is not there or not a device is a clear error."""
+    assert validate.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'gpu0'"):
+        validate.pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda': CUDA is not available"):
+            validate.pick_device("cuda")
+        assert validate.pick_device("auto") == torch.device("cpu")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert validate.pick_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert validate.pick_device("auto", local_rank=0) == torch.device("cuda", 0)
+    assert chosen == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    with pytest.raises(ConfigError, match="there are 2 CUDA devices"):
+        validate.pick_device("cuda:2")

@@ -25,10 +25,21 @@ from .ops import BACKENDS, use_backend
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device ``name`` names ('auto': this process's GPU if there is one, else the CPU); a bare
+    'cuda' means this process's GPU (LOCAL_RANK under torchrun)."""
     if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or another torch device, got {name!r}") from error
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
         torch.cuda.set_device(device)
     return device
 

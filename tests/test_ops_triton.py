@@ -107,7 +107,9 @@ def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
     qkv32 = qkv.float().to(DEVICE).requires_grad_()
     rpb32 = None if rpb is None else rpb.float().to(DEVICE).requires_grad_()
     out = _fused(*qkv32.unbind(3), kernel, dilation, rpb32, scale, "triton")
-    out.backward(grad_out.float().to(DEVICE))
+    # the incoming gradient in another memory layout (heads-first storage), as a permute upstream makes it
+    heads_first = grad_out.float().to(DEVICE).permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
+    out.backward(heads_first)
     torch.testing.assert_close(out.cpu().double(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qkv32.grad.cpu().double(), qkv64.grad, rtol=1e-5, atol=1e-5)
     if rpb is not None:

@@ -197,7 +197,7 @@ def na2d_triton_backward(
     grad_out, q, k, v = (_unit_stride(t) for t in (grad_out, q, k, v))
     rpb = None if rpb is None else rpb.contiguous()
     batch, height, width, heads, dim = q.shape
-    delta = (grad_out.float() * out.float()).sum(-1)  # (B, H, W, heads): sum_j p_ij dp_ij per query
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, W, heads): sum_j p_ij dp_ij
     grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
     args = (*_strides(q, k, v, grad_out), bias_sn, bias_sh, heads, height, width, dim, dilation[0], dilation[1])

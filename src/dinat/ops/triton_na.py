@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -36,7 +37,8 @@ def _probe_triton() -> tuple[str, bool]:
         import triton
     except ImportError as error:
         return f"Triton is not installed ({error})", False
-    return "", bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable directly
+    return "", bool(knobs.runtime.interpret) if knobs else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _TRITON_PROBLEM, _INTERPRETING = _probe_triton()

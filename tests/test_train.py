@@ -68,7 +68,7 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
 
 
-def test_attention_backend_option(trained, tmp_path, monkeypatch):
+def test_attention_backend_option(trained, tmp_path, monkeypatch, capsys):
     """--attention reaches the ops in train and validate (here: every call on the reference)."""
     root, out, summary = trained
     calls = []
@@ -81,6 +81,10 @@ def test_attention_backend_option(trained, tmp_path, monkeypatch):
     calls.clear()
     train.main([str(root), *TINY, "--max-steps", "1", "--output", str(tmp_path), "--attention", "reference"])
     assert calls
+    if not torch.cuda.is_available():  # a backend that cannot run here is a clear error, before training
+        argv = ["train", str(root), *TINY, "--output", str(tmp_path / "x"), "--attention", "triton"]
+        assert cli_main(argv) == 2
+        assert "attention 'triton'" in capsys.readouterr().err
 
 
 def test_fine_tune_with_a_new_head(trained, tmp_path):

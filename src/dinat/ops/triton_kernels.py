@@ -46,17 +46,63 @@ def _tokens(base, b, row, n, cols, d, s_b, s_h, s_w, s_n):
 
 
 @triton.jit
-def _query_tile(pid_col, width, dil_w, BLOCK_M: tl.constexpr, KW: tl.constexpr):
-    """The query places of a program and what they need along the row.
+def _query_tile(pid_col, width, dil_w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KW: tl.constexpr):
+    """A query program's BLOCK_M query places (of one column group) and the BLOCK_N key places
+    they need along a row.
 
-    Returns (column group, place of each query, query valid, window start of each query, first key
-    place of the tile, group length).
+    Returns (query columns, query places, query valid, window start of each query, first key place,
+    key places, key columns, key valid, in_window: (queries x keys) mask of each query's kw keys).
     """
     group = pid_col % dil_w
     n = _group_len(width, group, dil_w)
     first = (pid_col // dil_w) * BLOCK_M
     place = first + tl.arange(0, BLOCK_M)
-    return group, place, place < n, _window_start(place, n, KW), _window_start(first, n, KW), n
+    valid = place < n
+    start = _window_start(place, n, KW)
+    key_first = _window_start(first, n, KW)
+    key_place = key_first + tl.arange(0, BLOCK_N)
+    rel = key_place[None, :] - start[:, None]
+    in_window = (rel >= 0) & (rel < KW) & valid[:, None]
+    return (group + dil_w * place, place, valid, start, key_first,
+            key_place, group + dil_w * key_place, key_place < n, in_window)  # fmt: skip
+
+
+@triton.jit
+def _row_window(row, height, dil_h, KH: tl.constexpr):
+    """(row group, place of ``row`` in it, first place of its window of kh key rows)."""
+    row_group, row_place = row % dil_h, row // dil_h
+    return row_group, row_place, _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+
+
+@triton.jit
+def _reaching_queries(first, last, group_len, KERNEL: tl.constexpr):
+    """(lo, hi): the query places whose windows reach key places first..last along one axis (the
+    window start is monotone in the place, in steps of 0 or 1)."""
+    lo = tl.where(first < KERNEL, 0, first - KERNEL // 2)
+    hi = tl.where(last >= group_len - KERNEL, group_len - 1, last + KERNEL // 2)
+    return lo, hi
+
+
+@triton.jit
+def _key_tile(pid_col, key_row, height, width, dil_h, dil_w, BLOCK_N: tl.constexpr, KH: tl.constexpr,
+              KW: tl.constexpr):  # fmt: skip
+    """A key program's BLOCK_N key places (of one column group) in ``key_row``, and the query rows
+    and column places that reach them.
+
+    Returns (column group, group length, key places, key valid, query place range lo/hi along the
+    row, row group, key row place, row group length, query row place range lo/hi).
+    """
+    group = pid_col % dil_w
+    group_len = _group_len(width, group, dil_w)
+    key_first = (pid_col // dil_w) * BLOCK_N
+    key_place = key_first + tl.arange(0, BLOCK_N)
+    key_last = tl.minimum(key_first + BLOCK_N, group_len) - 1
+    query_lo, query_hi = _reaching_queries(key_first, key_last, group_len, KW)
+    row_group, key_row_place = key_row % dil_h, key_row // dil_h
+    rows_len = _group_len(height, row_group, dil_h)
+    row_lo, row_hi = _reaching_queries(key_row_place, key_row_place, rows_len, KH)
+    return (group, group_len, key_place, key_place < group_len, query_lo, query_hi,
+            row_group, key_row_place, rows_len, row_lo, row_hi)  # fmt: skip
 
 
 @triton.jit
@@ -82,17 +128,11 @@ def na2d_forward_kernel(
 ):  # fmt: skip
     pid_bn, row = tl.program_id(0), tl.program_id(1)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    group, place, valid, start, key_first, group_len = _query_tile(tl.program_id(2), width, dil_w, BLOCK_M, KW)
-    cols = group + dil_w * place
-    key_place = key_first + tl.arange(0, BLOCK_N)
-    key_valid = key_place < group_len
-    key_cols = group + dil_w * key_place
-    rel = key_place[None, :] - start[:, None]
-    in_window = (rel >= 0) & (rel < KW) & valid[:, None]
+    cols, place, valid, _, _, key_place, key_cols, key_valid, in_window = _query_tile(
+        tl.program_id(2), width, dil_w, BLOCK_M, BLOCK_N, KW
+    )
     bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
-
-    row_group, row_place = row % dil_h, row // dil_h
-    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+    row_group, row_place, row_start = _row_window(row, height, dil_h, KH)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
@@ -142,13 +182,9 @@ def na2d_backward_query_kernel(
     """
     pid_bn, row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    group, place, valid, start, key_first, group_len = _query_tile(pid_col, width, dil_w, BLOCK_M, KW)
-    cols = group + dil_w * place
-    key_place = key_first + tl.arange(0, BLOCK_N)
-    key_valid = key_place < group_len
-    key_cols = group + dil_w * key_place
-    rel = key_place[None, :] - start[:, None]
-    in_window = (rel >= 0) & (rel < KW) & valid[:, None]
+    cols, place, valid, start, key_first, key_place, key_cols, key_valid, in_window = _query_tile(
+        pid_col, width, dil_w, BLOCK_M, BLOCK_N, KW
+    )
     bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
     # Bias column c of query j is the key at place place_j + c - (kw - 1): its index in the tile,
     # and whether it is in the query's window (a gather then sums the rpb gradient per column).
@@ -157,9 +193,7 @@ def na2d_backward_query_kernel(
     bias_rel = bias_place - start[:, None]
     bias_ok = (bias_rel >= 0) & (bias_rel < KW) & valid[:, None]
     bias_key = tl.where(bias_ok, bias_place - key_first, 0)
-
-    row_group, row_place = row % dil_h, row // dil_h
-    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+    row_group, row_place, row_start = _row_window(row, height, dil_h, KH)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
@@ -204,21 +238,10 @@ def na2d_backward_key_kernel(
     """dk and dv (contiguous like k) for BLOCK_N key places of one row and column group."""
     pid_bn, key_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    group = pid_col % dil_w
-    group_len = _group_len(width, group, dil_w)
-    key_first = (pid_col // dil_w) * BLOCK_N
-    key_place = key_first + tl.arange(0, BLOCK_N)
-    key_valid = key_place < group_len
+    group, group_len, key_place, key_valid, query_lo, query_hi, row_group, key_row_place, _, row_lo, row_hi = _key_tile(
+        pid_col, key_row, height, width, dil_h, dil_w, BLOCK_N, KH, KW
+    )
     key_cols = group + dil_w * key_place
-    key_last = tl.minimum(key_first + BLOCK_N, group_len) - 1
-    # Queries whose windows reach keys key_first..key_last (start() is monotone, steps of 0 or 1).
-    query_lo = tl.where(key_first < KW, 0, key_first - KW // 2)
-    query_hi = tl.where(key_last >= group_len - KW, group_len - 1, key_last + KW // 2)
-
-    row_group, key_row_place = key_row % dil_h, key_row // dil_h
-    rows_len = _group_len(height, row_group, dil_h)
-    row_lo = tl.where(key_row_place < KH, 0, key_row_place - KH // 2)
-    row_hi = tl.where(key_row_place >= rows_len - KH, rows_len - 1, key_row_place + KH // 2)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
@@ -268,23 +291,34 @@ def _neighbor_ptrs(base, n, key_row, key_cols, d, height, width, head_dim):
 
 
 @triton.jit
+def _neighbor_tile(pid_col, row, n, height, width, dil_h, dil_w, BLOCK_M: tl.constexpr, KW_PAD: tl.constexpr,
+                   KH: tl.constexpr, KW: tl.constexpr):  # fmt: skip
+    """A primitive's program: BLOCK_M queries of one row and column group, each with its kw keys.
+
+    Returns (token index of each query, query valid, j = 0..KW_PAD-1, (query, j) valid, key column of
+    each (query, j), row group, first key row place of the window).
+    """
+    cols, _, valid, start, _, _, _, _, _ = _query_tile(pid_col, width, dil_w, BLOCK_M, BLOCK_M, KW)
+    j = tl.arange(0, KW_PAD)
+    key_cols = pid_col % dil_w + dil_w * (start[:, None] + j[None, :])
+    row_group, _, row_start = _row_window(row, height, dil_h, KH)
+    tokens = (n * height + row) * width + cols
+    return tokens, valid, j, valid[:, None] & (j < KW)[None, :], key_cols, row_group, row_start
+
+
+@triton.jit
 def na_dot_kernel(
     A, B, OUT, height, width, head_dim, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, KW_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """OUT[query, i*kw + j] = A[query] . B[its key (i, j)]."""
     n, row = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    group, place, valid, start, _, _ = _query_tile(tl.program_id(2), width, dil_w, BLOCK_M, KW)
-    cols = group + dil_w * place
-    j = tl.arange(0, KW_PAD)
-    pair_ok = valid[:, None] & (j < KW)[None, :]
-    key_cols = group + dil_w * (start[:, None] + j[None, :])
+    tokens, valid, j, pair_ok, key_cols, row_group, row_start = _neighbor_tile(
+        tl.program_id(2), row, n, height, width, dil_h, dil_w, BLOCK_M, KW_PAD, KH, KW
+    )
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    tokens = (n * height + row) * width + cols
     a = tl.load(A + tokens[:, None] * head_dim + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-    row_group, row_place = row % dil_h, row // dil_h
-    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
     for i in range(KH):
         key_row = row_group + dil_h * (row_start + i)
         b = tl.load(_neighbor_ptrs(B, n, key_row, key_cols, d, height, width, head_dim),
@@ -301,16 +335,11 @@ def na_weighted_sum_kernel(
 ):  # fmt: skip
     """OUT[query] = sum over its keys (i, j) of P[query, i*kw + j] * B[key]."""
     n, row = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    group, place, valid, start, _, _ = _query_tile(tl.program_id(2), width, dil_w, BLOCK_M, KW)
-    cols = group + dil_w * place
-    j = tl.arange(0, KW_PAD)
-    pair_ok = valid[:, None] & (j < KW)[None, :]
-    key_cols = group + dil_w * (start[:, None] + j[None, :])
+    tokens, valid, j, pair_ok, key_cols, row_group, row_start = _neighbor_tile(
+        tl.program_id(2), row, n, height, width, dil_h, dil_w, BLOCK_M, KW_PAD, KH, KW
+    )
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-    tokens = (n * height + row) * width + cols
-    row_group, row_place = row % dil_h, row // dil_h
-    row_start = _window_start(row_place, _group_len(height, row_group, dil_h), KH)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for i in range(KH):
         key_row = row_group + dil_h * (row_start + i)
@@ -333,18 +362,9 @@ def na_scatter_kernel(
     One program per BLOCK_N key places of one row and column group, as na2d_backward_key_kernel.
     """
     n, key_row, pid_col = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    group = pid_col % dil_w
-    group_len = _group_len(width, group, dil_w)
-    key_first = (pid_col // dil_w) * BLOCK_N
-    key_place = key_first + tl.arange(0, BLOCK_N)
-    key_valid = key_place < group_len
-    key_last = tl.minimum(key_first + BLOCK_N, group_len) - 1
-    query_lo = tl.where(key_first < KW, 0, key_first - KW // 2)
-    query_hi = tl.where(key_last >= group_len - KW, group_len - 1, key_last + KW // 2)
-    row_group, key_row_place = key_row % dil_h, key_row // dil_h
-    rows_len = _group_len(height, row_group, dil_h)
-    row_lo = tl.where(key_row_place < KH, 0, key_row_place - KH // 2)
-    row_hi = tl.where(key_row_place >= rows_len - KH, rows_len - 1, key_row_place + KH // 2)
+    group, group_len, key_place, key_valid, query_lo, query_hi, row_group, key_row_place, rows_len, row_lo, row_hi = (
+        _key_tile(pid_col, key_row, height, width, dil_h, dil_w, BLOCK_N, KH, KW)
+    )
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim

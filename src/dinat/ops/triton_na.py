@@ -259,67 +259,37 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Ten
 # -- the unfused ops: three primitives on (N, H, W, D) features and (N, H, W, kh*kw) weights ------
 
 
-def _primitive_grid(features: Tensor, dilation: list[int]) -> tuple[int, int, int]:
-    return _grid(features.unsqueeze(3), dilation[1], _QUERY_BLOCK)
+def _primitive(name: str, first: Tensor, features: Tensor, out_channels: int, kernel: list[int], dilation: list[int]):
+    """Run primitive ``name`` on ``first`` and the (N, H, W, D) ``features``; the output has
+    ``out_channels`` channels per token."""
+    from . import triton_kernels
 
-
-def _geometry_args(features: Tensor, dilation: list[int]) -> tuple[int, ...]:
-    _, height, width, dim = features.shape
-    return height, width, dim, dilation[0], dilation[1]
+    first, features = first.contiguous(), features.contiguous()
+    n, height, width, dim = features.shape
+    out = features.new_empty(n, height, width, out_channels)
+    getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation[1], _QUERY_BLOCK)](
+        first, features, out, height, width, dim, dilation[0], dilation[1],
+        **_constexprs(name, features.dtype, kernel, dim), num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out
 
 
 @torch.library.custom_op("dinat::na_dot_triton", mutates_args=())
 def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, W, D) x (N, H, W, D) -> (N, H, W, kh*kw): a . b over each query's neighbors."""
-    from . import triton_kernels
-
-    a, b = a.contiguous(), b.contiguous()
-    out = a.new_empty(*a.shape[:3], kernel[0] * kernel[1])
-    triton_kernels.na_dot_kernel[_primitive_grid(a, dilation)](
-        a,
-        b,
-        out,
-        *_geometry_args(a, dilation),
-        **_constexprs("dot", a.dtype, kernel, a.shape[-1]),
-        num_warps=_NUM_WARPS,
-    )
-    return out
+    return _primitive("dot", a, b, kernel[0] * kernel[1], kernel, dilation)
 
 
 @torch.library.custom_op("dinat::na_weighted_sum_triton", mutates_args=())
 def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, W, kh*kw) x (N, H, W, D) -> (N, H, W, D): sum of neighbors of b weighted by p."""
-    from . import triton_kernels
-
-    p, b = p.contiguous(), b.contiguous()
-    out = torch.empty_like(b)
-    triton_kernels.na_weighted_sum_kernel[_primitive_grid(b, dilation)](
-        p,
-        b,
-        out,
-        *_geometry_args(b, dilation),
-        **_constexprs("weighted_sum", b.dtype, kernel, b.shape[-1]),
-        num_warps=_NUM_WARPS,
-    )
-    return out
+    return _primitive("weighted_sum", p, b, b.shape[-1], kernel, dilation)
 
 
 @torch.library.custom_op("dinat::na_scatter_triton", mutates_args=())
 def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, W, kh*kw) x (N, H, W, D) -> (N, H, W, D): each key gathers p * a from its queries."""
-    from . import triton_kernels
-
-    p, a = p.contiguous(), a.contiguous()
-    out = torch.empty_like(a)
-    triton_kernels.na_scatter_kernel[_primitive_grid(a, dilation)](
-        p,
-        a,
-        out,
-        *_geometry_args(a, dilation),
-        **_constexprs("scatter", a.dtype, kernel, a.shape[-1]),
-        num_warps=_NUM_WARPS,
-    )
-    return out
+    return _primitive("scatter", p, a, a.shape[-1], kernel, dilation)
 
 
 @na_dot.register_fake

@@ -47,3 +47,19 @@ def test_fused_op_matches_original(case: dict, backend: str) -> None:
         torch.testing.assert_close(tensor.grad, expected, **OPS_TOL, msg=f"grad_{name}")
     if rpb is not None:
         torch.testing.assert_close(rpb.grad, case["grad_rpb"], **OPS_TOL, msg="grad_rpb")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_reference_on_cuda_matches_original(case: dict) -> None:
+    """The reference (every backend's fallback) stays exact on CUDA."""
+    q, k, v = (case[n].permute(0, 2, 3, 1, 4).cuda().requires_grad_() for n in ("q", "k", "v"))
+    rpb = None if case["rpb"] is None else case["rpb"].cuda().requires_grad_()
+    with use_backend("reference"):
+        out = na2d(q, k, v, case["kernel_size"], case["dilation"], rpb, scale=1.0)
+    torch.testing.assert_close(out.cpu(), case["out"].permute(0, 2, 3, 1, 4), **OPS_TOL)
+    out.backward(case["grad_out"].permute(0, 2, 3, 1, 4).cuda())
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        torch.testing.assert_close(tensor.grad.cpu(), case[f"grad_{name}"].permute(0, 2, 3, 1, 4), **OPS_TOL)
+    if rpb is not None:
+        torch.testing.assert_close(rpb.grad.cpu(), case["grad_rpb"], **OPS_TOL)

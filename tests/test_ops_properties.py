@@ -7,6 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import cpu_backends
+from dinat.layers import NeighborhoodAttention2D
 from dinat.ops import cpu, na2d, na2d_av, na2d_qk, use_backend
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"cpu backend: {cpu.unavailable_reason()}")
@@ -130,6 +132,29 @@ def test_bfloat16_under_autocast() -> None:
             got = na2d(q.bfloat16(), k.bfloat16(), v.bfloat16(), 7, 1, rpb)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_unfused_ops_with_float32_weights_and_bfloat16_values(backend) -> None:
+    """Under autocast softmax gives float32 weights while v is bf16: na2d_av takes both, returns bf16."""
+    q, k, v = (torch.randn(2, 2, 14, 14, 16) for _ in range(3))
+    q, rpb = q * 0.25, torch.randn(2, 13, 13)
+    expected = na2d_av(na2d_qk(q, k, 7, 1, rpb).softmax(-1), v, 7, 1)
+    with use_backend(backend):
+        logits = na2d_qk(q.bfloat16(), k.bfloat16(), 7, 1, rpb)
+        got = na2d_av(logits.float().softmax(-1), v.bfloat16(), 7, 1)
+    assert logits.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_module_dropout_path_under_autocast() -> None:
+    """Training with attention dropout (the unfused path) under bf16 autocast runs and stays close."""
+    module = NeighborhoodAttention2D(dim=32, num_heads=2, kernel_size=5, dilation=2, attn_drop=0.1).train()
+    x = torch.randn(2, 12, 13, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and module.rpb.grad is not None and torch.isfinite(module.rpb.grad).all()
 
 
 def test_torch_compile_without_graph_breaks() -> None:

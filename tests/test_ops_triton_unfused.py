@@ -53,3 +53,25 @@ def test_unfused_double_backward() -> None:
     expected = second_derivatives("reference", [q, k, v, rpb])
     for name, g, e in zip(("q", "k", "v", "rpb"), got, expected):
         torch.testing.assert_close(g.cpu().double(), e.cpu(), rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch.bfloat16], ids=str)
+def test_unfused_half_precision_close_to_float32(dtype) -> None:
+    """float16/bfloat16 q, k, v with a float32 rpb: logits, output and gradients within 1e-2 of float32."""
+    kernel, dilation = (7, 5), (2, 3)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 16, 17, 16, generator=gen) for _ in range(3))
+    rpb = torch.randn(1, 13, 9, generator=gen)
+
+    def run(run_dtype):
+        leaves = [t.to(DEVICE, run_dtype).requires_grad_() for t in (q, k, v)] + [rpb.to(DEVICE).requires_grad_()]
+        with use_backend("triton"):
+            logits = na2d_qk(leaves[0] * 0.25, leaves[1], kernel, dilation, leaves[3])
+            out = na2d_av(logits.float().softmax(-1), leaves[2], kernel, dilation)
+        assert logits.dtype == out.dtype == run_dtype
+        grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        return [logits.float(), out.float()] + [g.float() for g in grads]
+
+    for name, low, full in zip(("logits", "out", "q", "k", "v", "rpb"), run(dtype), run(torch.float32)):
+        assert (low - full).abs().max() <= 1e-2 * full.abs().max(), name

@@ -160,12 +160,15 @@ def na2d_qk(q: Tensor, k: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 
 def na2d_av(attn: Tensor, v: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1) -> Tensor:
     """Weighted sum of each query's neighborhood of v, heads-first.
 
-    attn: (B, heads, H, W, kh*kw); v: (B, heads, H, W, D). Returns (B, heads, H, W, D).
+    attn: (B, heads, H, W, kh*kw), in v's dtype or float32; v: (B, heads, H, W, D). Returns
+    (B, heads, H, W, D) in v's dtype.
     """
     kernel, dil = check_kernel_and_dilation(kernel_size, dilation)
     _check_tensor("attn", attn)
     _check_tensor("v", v)
-    _check_same("attn", attn, "v", v, tuple(v.shape[:4]) + (kernel[0] * kernel[1],))
+    # float32 weights may go with float16/bfloat16 v (softmax runs in float32 under autocast)
+    also = torch.float32 if v.dtype in _LOW_PRECISION else None
+    _check_same("attn", attn, "v", v, tuple(v.shape[:4]) + (kernel[0] * kernel[1],), also_dtype=also)
     _check_extent(v.shape[2], v.shape[3], kernel, dil)
     return _backend_for(v).na2d_av(attn, v, kernel, dil)
 

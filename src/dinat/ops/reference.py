@@ -52,14 +52,14 @@ def na2d_qk(
 ) -> Tensor:
     neighbors = _gather_neighbors(k, kernel_size, dilation)
     logits = torch.einsum("bnhwd,bnhwijd->bnhwij", q, neighbors).flatten(-2)
-    if rpb is not None:
-        logits = logits + relative_position_bias(rpb, q.shape[2], q.shape[3], kernel_size, dilation)
+    if rpb is not None:  # (a float32 rpb with float16/bfloat16 q, as under autocast, keeps q's dtype)
+        logits = logits + relative_position_bias(rpb, q.shape[2], q.shape[3], kernel_size, dilation).to(q.dtype)
     return logits
 
 
 def na2d_av(attn: Tensor, v: Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
     neighbors = _gather_neighbors(v, kernel_size, dilation)
-    weights = attn.unflatten(-1, kernel_size)
+    weights = attn.unflatten(-1, kernel_size).to(v.dtype)
     return torch.einsum("bnhwij,bnhwijd->bnhwd", weights, neighbors)
 
 

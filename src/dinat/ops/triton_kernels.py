@@ -18,6 +18,8 @@ whole rows of keys.
 The key-side backward mirrors it: a program owns BLOCK_N key places of one row and visits every query
 row that attends that key row (kh of them inside the image, up to 3*kh/2 at the borders), with query
 tiles covering the queries whose windows reach its keys.
+
+The unfused ops' three primitives (dot, weighted sum, scatter) at the end reuse the same tiles.
 """
 
 from __future__ import annotations

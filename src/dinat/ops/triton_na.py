@@ -14,6 +14,7 @@ single windows run as batched attention (:mod:`dinat.ops.grouped`). The unfused 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -125,6 +126,11 @@ def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int,
     return compiled
 
 
+def _device_of(x: Tensor):
+    """Launch on x's GPU: Triton launches on the current device, which may be another one."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -160,11 +166,12 @@ def na2d_triton(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
-    triton_kernels.na2d_forward_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
-        q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
-        heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
-        **_constexprs("forward", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    with _device_of(q):
+        triton_kernels.na2d_forward_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
+            q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
+            heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
+            **_constexprs("forward", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
+        )  # fmt: skip
     return out, lse
 
 
@@ -208,14 +215,15 @@ def na2d_triton_backward(
     grid = _grid(q, dilation[1], _QUERY_BLOCK)
     bias_cols = 2 * kernel[1] - 1
     partial = torch.zeros(math.prod(grid), kernel[0], bias_cols, dtype=torch.float32, device=q.device)
-    triton_kernels.na2d_backward_query_kernel[grid](
-        q, k, v, bias, grad_out, lse, delta, grad_q, partial, *args, log2_scale, scale,
-        **_constexprs("query", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
-    )  # fmt: skip
-    triton_kernels.na2d_backward_key_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
-        q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *args, log2_scale, scale,
-        **_constexprs("key", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    with _device_of(q):
+        triton_kernels.na2d_backward_query_kernel[grid](
+            q, k, v, bias, grad_out, lse, delta, grad_q, partial, *args, log2_scale, scale,
+            **_constexprs("query", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        triton_kernels.na2d_backward_key_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
+            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *args, log2_scale, scale,
+            **_constexprs("key", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
+        )  # fmt: skip
     if rpb is None:
         return grad_q, grad_k, grad_v, q.new_empty(0)
     # partial rows are (batch, head, query row, column program, i-th key row): to rpb rows
@@ -267,10 +275,11 @@ def _primitive(name: str, first: Tensor, features: Tensor, out_channels: int, ke
     first, features = first.contiguous(), features.contiguous()
     n, height, width, dim = features.shape
     out = features.new_empty(n, height, width, out_channels)
-    getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation[1], _QUERY_BLOCK)](
-        first, features, out, height, width, dim, dilation[0], dilation[1],
-        **_constexprs(name, features.dtype, kernel, dim), num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    with _device_of(features):
+        getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation[1], _QUERY_BLOCK)](
+            first, features, out, height, width, dim, dilation[0], dilation[1],
+            **_constexprs(name, features.dtype, kernel, dim), num_warps=_NUM_WARPS,
+        )  # fmt: skip
     return out
 
 

@@ -224,3 +224,14 @@ def test_device_names(monkeypatch):
     assert chosen == [torch.device("cuda", 1), torch.device("cuda", 0)]
     with pytest.raises(ConfigError, match="there are 2 CUDA devices"):
         validate.pick_device("cuda:2")
+
+
+def test_compile_flag_compiles_the_model(trained, tmp_path, monkeypatch):
+    """--compile hands the model to torch.compile in train and validate (recorded, not compiled here)."""
+    root, out, _ = trained
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(type(model).__name__) or model)
+    train.main([str(root), *TINY, "--max-steps", "1", "--output", str(tmp_path), "--compile"])
+    common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0"]
+    validate.main(["--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common, "--compile"])
+    assert len(compiled) == 2, compiled  # once in train, once in validate

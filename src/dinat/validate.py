@@ -168,6 +168,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--amp-dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--attention", default="auto", choices=BACKENDS, help="neighborhood-attention backend")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--results-file", help="write the results as JSON here")
@@ -194,6 +195,8 @@ def main(argv=None) -> dict:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
     autocast, _ = autocast_and_scaler(args.amp, args.amp_dtype, device)
     with use_backend(args.attention):
         results = evaluate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dinat import bench
 
@@ -28,6 +29,15 @@ def test_bench_compares_backends_in_one_run(tmp_path) -> None:
     assert all(row["cpu_fwd_ms"] > 0 and "cpu_fwdbwd_vs_window" in row for row in results["op"])
     assert [row["model"] for row in results["model"]] == ["dinat_nano", "dinat_nano@reference"]
     assert all(row["train_img_s"] > 0 for row in results["model"])
+
+
+def test_bench_compile_flag(tmp_path, monkeypatch) -> None:
+    """--compile hands every model to torch.compile (recorded here, not compiled)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(model) or model)
+    argv = ["--suite", "model", "--batch", "1", "--repeats", "1", "--threads", "1", "--compile"]
+    results = bench.main([*argv, "--models", "dinat_nano", "dinat_nano@reference", "--output", str(tmp_path)])
+    assert len(compiled) == 2 and results["compile"] is True
 
 
 def test_bench_rejects_bad_arguments() -> None:

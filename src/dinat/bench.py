@@ -183,12 +183,15 @@ def model_rows(
     device: torch.device,
     dtype: torch.dtype,
     backend: str = "auto",
+    compile: bool = False,
 ) -> list[dict]:
     """Images/s (inference, training step) and training peak memory of each model. A name may end
     in ``@backend`` (``dinat_mini@flex``) to run that entry's attention on another backend."""
     torch.manual_seed(0)
     parsed = {name: (name.partition("@")[0], name.partition("@")[2] or backend) for name in names}
     built = {name: _build(model_name).to(device) for name, (model_name, _) in parsed.items()}
+    if compile:  # throughput of the compiled models; the memory column stays eager
+        built = {name: torch.compile(model) for name, model in built.items()}
     images = torch.randn(batch, 3, 224, 224, device=device)
     targets = torch.zeros(batch, dtype=torch.long, device=device)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="attention backend of the op rows and our models"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every model for the img/s columns (memory: eager)"
+    )
     parser.add_argument("--output", type=Path, default=Path("bench_results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument(
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": args.dtype,
         "backend": args.backend,
+        "compile": args.compile,
     }
     with use_backend(args.backend):
         if args.suite in ("op", "all"):
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.suite in ("model", "all"):
             print(f"model: 224 px, batch {args.batch}, {args.dtype}, {args.threads} threads", flush=True)
             results["model"] = model_rows(
-                args.models, args.batch, args.repeats, args.threads, device, dtype, args.backend
+                args.models, args.batch, args.repeats, args.threads, device, dtype, args.backend, args.compile
             )
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "bench.json"

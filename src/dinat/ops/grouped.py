@@ -24,11 +24,13 @@ def is_whole(height: int, width: int, kernel: Pair, dilation: Pair) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _bias_index(kernel: Pair) -> tuple[Tensor, Tensor]:
-    """rpb row and column of every (query, key) pair of a kh x kw group: (kh*kw, kh*kw) each."""
+def _bias_index(kernel: Pair, device: torch.device) -> tuple[Tensor, Tensor]:
+    """rpb row and column of every (query, key) pair of a kh x kw group: (kh*kw, kh*kw) each, kept
+    on ``device`` (no host-to-device copy per call)."""
     rows, cols = torch.meshgrid(torch.arange(kernel[0]), torch.arange(kernel[1]), indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()
-    return rows[None, :] - rows[:, None] + kernel[0] - 1, cols[None, :] - cols[:, None] + kernel[1] - 1
+    index = (rows[None, :] - rows[:, None] + kernel[0] - 1, cols[None, :] - cols[:, None] + kernel[1] - 1)
+    return tuple(t.to(device) for t in index)
 
 
 def attention(
@@ -48,7 +50,7 @@ def attention(
 
     bias = None
     if rpb is not None:
-        rows, cols = (index.to(rpb.device) for index in _bias_index(kernel))
+        rows, cols = _bias_index(kernel, rpb.device)
         bias = rpb[:, rows, cols]  # (heads, kh*kw, kh*kw)
     qg, kg, vg = to_groups(q), to_groups(k), to_groups(v)
     if sdpa:

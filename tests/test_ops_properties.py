@@ -181,3 +181,11 @@ def test_double_backward_of_unfused_ops() -> None:
     with use_backend("cpu"):
         assert torch.autograd.gradgradcheck(lambda q, k, r: na2d_qk(q, k, 3, (2, 1), r), [q, k, rpb])
         assert torch.autograd.gradgradcheck(lambda a, v: na2d_av(a, v, 3, (2, 1)), [attn, k])
+
+
+def test_double_backward_of_the_fused_op() -> None:
+    """create_graph=True: the fused op's backward runs through the differentiable primitives."""
+    q, k, v, rpb = _inputs((1, 2, 6, 7, 3), (3, 5), True, 2)
+    tokens_first = [t.detach().permute(0, 2, 3, 1, 4).requires_grad_() for t in (q, k, v)]
+    with use_backend("cpu"):
+        assert torch.autograd.gradgradcheck(lambda q, k, v, r: na2d(q, k, v, (3, 5), (2, 1), r), [*tokens_first, rpb])

@@ -187,6 +187,26 @@ def test_gradient_of_some_inputs_only() -> None:
 
 
 @needs_kernels
+def test_double_backward() -> None:
+    """create_graph=True differentiates the backward again (through the unfused primitives)."""
+    kernel, dilation = (5, 3), (2, 3)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 12, 13, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    inputs.append(torch.randn(2, 9, 5, generator=gen, dtype=torch.float64))
+
+    def second_derivatives(backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in inputs]
+        out = _fused(*leaves[:3], kernel, dilation, leaves[3], 0.3, backend)
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+    got = second_derivatives("triton", torch.float32)
+    expected = second_derivatives("reference", torch.float64)
+    for name, g, e in zip(("q", "k", "v", "rpb"), got, expected):
+        torch.testing.assert_close(g.cpu().double(), e.cpu(), rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)
+
+
+@needs_kernels
 def test_compiles_without_graph_breaks() -> None:
     """The op is an opaque custom op to torch.compile: fullgraph forward and backward."""
     shape, kernel, dilation = (1, 8, 8, 1, 16), (3, 3), (2, 2)

@@ -207,8 +207,7 @@ def _(grad_logits, heads, kernel, dilation):
 
 def _fused_setup(ctx, inputs, output) -> None:
     q, k, v, rpb, heads, scale, kernel, dilation = inputs
-    ctx.save_for_backward(q, k, v, output[1])
-    ctx.rpb_shape = None if rpb is None else rpb.shape
+    ctx.save_for_backward(q, k, v, output[1], rpb)
     ctx.args = (heads, scale, kernel, dilation)
 
 
@@ -228,15 +227,39 @@ def _(grad_out, v, attn, kernel, dilation):
 
 
 def _fused_backward(ctx, grad_out, _grad_attn):
-    q, k, v, attn = ctx.saved_tensors
+    q, k, v, attn, rpb = ctx.saved_tensors
     heads, scale, kernel, dilation = ctx.args
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+        return (*_differentiable_fused_backward(ctx, grad_out, q, k, v, rpb), None, None, None, None)
     grad_logits = na_softmax_backward(grad_out, v, attn, kernel, dilation)
     needs = ctx.needs_input_grad
     grad_q = na_weighted_sum(grad_logits, k, kernel, dilation) * scale if needs[0] else None
     grad_k = na_scatter(grad_logits, q, kernel, dilation) * scale if needs[1] else None
     grad_v = na_scatter(attn, grad_out, kernel, dilation) if needs[2] else None
-    grad_rpb = na_bias_grad(grad_logits, heads, kernel, dilation) if ctx.rpb_shape and needs[3] else None
+    grad_rpb = na_bias_grad(grad_logits, heads, kernel, dilation) if rpb is not None and needs[3] else None
     return grad_q, grad_k, grad_v, grad_rpb, None, None, None, None
+
+
+def _differentiable_fused_backward(ctx, grad_out, q, k, v, rpb) -> list[Tensor | None]:
+    """na2d_fused's gradients through the unfused primitives (channel-major in and out)."""
+    heads, scale, kernel, dilation = ctx.args
+
+    def tokens_first(t: Tensor) -> Tensor:  # (B*heads, D, H, W) -> (B, H, W, heads, D), a view
+        return t.view(t.shape[0] // heads, heads, *t.shape[1:]).permute(0, 3, 4, 1, 2)
+
+    inputs = (tokens_first(q), tokens_first(k), tokens_first(v), rpb)
+    grads = primitives.fused_gradients(
+        na2d_qk,
+        na2d_av,
+        tokens_first(grad_out),
+        inputs,
+        ctx.needs_input_grad[:4],
+        tuple(kernel),
+        tuple(dilation),
+        scale,
+    )
+    channel_major = [None if g is None else g.permute(0, 3, 4, 1, 2).reshape(q.shape) for g in grads[:3]]
+    return [*channel_major, grads[3]]
 
 
 na2d_fused.register_autograd(_fused_backward, setup_context=_fused_setup)

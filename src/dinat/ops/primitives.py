@@ -7,11 +7,15 @@ With key(q, t) the t-th neighbor of query q (t = i * kw + j):
 * ``scatter(p, a)[k] = sum of p[q, t] a[q] over key(q, t) = k``  (the keys' and values' gradients)
 
 The gradient of each is made of the other two, so registering these formulas once gives every
-order of derivative. Each backend's primitives are ``torch.library`` custom ops taking
+order of derivative; the fused ops fall back on them when their own backward must be
+differentiated. Each backend's primitives are ``torch.library`` custom ops taking
 ``(first, second, kernel, dilation)``, in whatever consistent layout that backend uses.
 """
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
 
 
 def register_gradients(dot, weighted_sum, scatter) -> None:
@@ -43,3 +47,21 @@ def register_gradients(dot, weighted_sum, scatter) -> None:
     dot.register_autograd(dot_backward, setup_context=setup)
     weighted_sum.register_autograd(weighted_sum_backward, setup_context=setup)
     scatter.register_autograd(scatter_backward, setup_context=setup)
+
+
+def fused_gradients(
+    na2d_qk, na2d_av, grad_out: Tensor, inputs: tuple, needs: tuple, kernel: tuple, dilation: tuple, scale: float
+) -> list[Tensor | None]:
+    """The fused op's backward when it must itself be differentiable (``create_graph=True``).
+
+    Recomputes ``softmax(scale * q.k + rpb) v`` for tokens-first (B, H, W, heads, D) ``inputs`` =
+    (q, k, v, rpb) through a backend's unfused ops (made of the primitives above) and returns the
+    gradients of those of the inputs that ``needs`` names, as tensors autograd can differentiate again.
+    """
+    q, k, v, rpb = inputs
+    heads_first = [t.permute(0, 3, 1, 2, 4) for t in (q, k, v)]
+    attn = na2d_qk(heads_first[0] * scale, heads_first[1], kernel, dilation, rpb).softmax(-1)
+    out = na2d_av(attn, heads_first[2], kernel, dilation).permute(0, 2, 3, 1, 4)
+    wanted = [t for t, needed in zip(inputs, needs) if needed and t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    return [next(grads) if needed and t is not None else None for t, needed in zip(inputs, needs)]

@@ -247,6 +247,12 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, rpb, out, lse = ctx.saved_tensors
+    kernel, dilation, scale = ctx.args
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+        grads = primitives.fused_gradients(
+            na2d_qk, na2d_av, grad_out, (q, k, v, rpb), ctx.needs_input_grad[:4], tuple(kernel), tuple(dilation), scale
+        )
+        return (*grads, None, None, None)
     grad_q, grad_k, grad_v, grad_rpb = na2d_triton_backward(grad_out, q, k, v, rpb, out, lse, *ctx.args)
     return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
 

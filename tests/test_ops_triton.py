@@ -50,7 +50,7 @@ def test_in_triton_interpreter() -> None:
 def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> None:
     """Down to the cubin, for A100 and H100, without a GPU: what the interpreter cannot check."""
     compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb)
-    assert sorted(compiled) == ["dot", "forward", "key", "query", "scatter", "weighted_sum"]
+    assert sorted(compiled) == ["delta", "dot", "forward", "key", "query", "scatter", "weighted_sum"]
     for kernel_binary in compiled.values():
         assert kernel_binary.asm["cubin"] and f"sm_{arch}" in kernel_binary.asm["ptx"]
 

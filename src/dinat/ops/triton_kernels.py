@@ -166,6 +166,27 @@ def na2d_forward_kernel(
 
 
 @triton.jit
+def na2d_delta_kernel(
+    DO, OUT, DELTA,
+    do_sb, do_sh, do_sw, do_sn,
+    o_sb, o_sh, o_sw, o_sn,
+    heads, height, width, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """DELTA[token, head] = DO . OUT over D, in float32 (the softmax gradient's row sums), for BLOCK_M
+    columns of one row: one read of each operand, no float32 copies."""
+    pid_bn, row = tl.program_id(0), tl.program_id(1)
+    b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
+    cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    mask = (cols < width)[:, None] & (d < head_dim)[None, :]
+    do = tl.load(_tokens(DO, b, row, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=mask, other=0.0)
+    out = tl.load(_tokens(OUT, b, row, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(DELTA + ((b * height + row) * width + cols) * heads + n, delta, mask=cols < width)
+
+
+@triton.jit
 def na2d_backward_query_kernel(
     Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
     q_sb, q_sh, q_sw, q_sn,

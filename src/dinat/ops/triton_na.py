@@ -68,9 +68,11 @@ def _next_power_of_2(n: int) -> int:
 
 
 def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool = False) -> dict:
-    """Compile-time parameters of kernel ``name``: the fused op's 'forward', 'query' (dq, rpb) and 'key'
-    (dk, dv), and the primitives 'dot', 'weighted_sum' and 'scatter'."""
+    """Compile-time parameters of kernel ``name``: the fused op's 'forward', 'delta', 'query' (dq, rpb)
+    and 'key' (dk, dv), and the primitives 'dot', 'weighted_sum' and 'scatter'."""
     kh, kw = kernel
+    if name == "delta":
+        return dict(BLOCK_M=_QUERY_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     if name in ("dot", "weighted_sum"):  # (queries, kw, D) tiles, no matrix product
         return dict(KH=kh, KW=kw, KW_PAD=_next_power_of_2(kw), BLOCK_M=_QUERY_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -93,7 +95,7 @@ def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_
 
 
 def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool) -> dict:
-    """Build the six kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
+    """Build the seven kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
     time, down to the cubin, with the parameters a launch would use. Needs no GPU: this is how the
     suite checks on CPU-only machines that the kernels compile for real devices."""
     import triton
@@ -111,6 +113,7 @@ def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int,
         ("dot", triton_kernels.na_dot_kernel),
         ("weighted_sum", triton_kernels.na_weighted_sum_kernel),
         ("scatter", triton_kernels.na_scatter_kernel),
+        ("delta", triton_kernels.na2d_delta_kernel),
     ):
         constexprs = _constexprs(name, dtype, kernel, head_dim, has_rpb)
         signature = {}
@@ -206,7 +209,6 @@ def na2d_triton_backward(
     grad_out, q, k, v = (_unit_stride(t) for t in (grad_out, q, k, v))
     rpb = None if rpb is None else rpb.contiguous()
     batch, height, width, heads, dim = q.shape
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, W, heads): sum_j p_ij dp_ij
     grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
     args = (*_strides(q, k, v, grad_out), bias_sn, bias_sh, heads, height, width, dim, dilation[0], dilation[1])
@@ -215,7 +217,12 @@ def na2d_triton_backward(
     grid = _grid(q, dilation[1], _QUERY_BLOCK)
     bias_cols = 2 * kernel[1] - 1
     partial = torch.zeros(math.prod(grid), kernel[0], bias_cols, dtype=torch.float32, device=q.device)
+    delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     with _device_of(q):
+        triton_kernels.na2d_delta_kernel[(batch * heads, height, -(-width // _QUERY_BLOCK))](
+            grad_out, out, delta, *_strides(grad_out, out), heads, height, width, dim,
+            **_constexprs("delta", q.dtype, kernel, dim), num_warps=_NUM_WARPS,
+        )  # fmt: skip
         triton_kernels.na2d_backward_query_kernel[grid](
             q, k, v, bias, grad_out, lse, delta, grad_q, partial, *args, log2_scale, scale,
             **_constexprs("query", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,

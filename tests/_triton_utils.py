@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ import torch
 from conftest import DATA
 from dinat.ops import triton_na
 
+# Triton caches compiled kernels under ~/.triton unless told otherwise; CI's home may not be
+# writable, so the tests keep theirs in the temporary directory (as inductor does).
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"dinat_triton_{os.getuid()}"))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")

@@ -85,6 +85,9 @@ def test_attention_backend_option(trained, tmp_path, monkeypatch, capsys):
         argv = ["train", str(root), *TINY, "--output", str(tmp_path / "x"), "--attention", "triton"]
         assert cli_main(argv) == 2
         assert "attention 'triton'" in capsys.readouterr().err
+        argv = ["validate", "--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common]
+        assert cli_main([*argv, "--attention", "triton"]) == 2
+        assert "attention 'triton'" in capsys.readouterr().err
 
 
 def test_fine_tune_with_a_new_head(trained, tmp_path):

@@ -33,10 +33,10 @@ from timm.utils import ModelEmaV3, unwrap_model
 from tqdm import tqdm
 
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
-from .config import Config, ConfigError, add_config_arguments, as_dict, config_from_args
+from .config import Config, add_config_arguments, as_dict, config_from_args
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
-from .ops import current_backend, use_backend
-from .validate import autocast_and_scaler, create_model, evaluate, load_weights, pick_device
+from .ops import use_backend
+from .validate import attention_backend, autocast_and_scaler, create_model, evaluate, load_weights, pick_device
 
 
 class TrainingDiverged(RuntimeError):
@@ -216,10 +216,7 @@ def _train(cfg: Config) -> dict:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
     bare = unwrap_model(model)
-    try:
-        attention = current_backend(torch.empty(0, device=device))
-    except RuntimeError as error:  # a forced backend that cannot run here
-        raise ConfigError(f"attention {cfg.attention!r}: {error}") from None
+    attention = attention_backend(cfg.attention, device)
     log(
         f"{cfg.model}: {sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M params, {num_classes} classes, "
         f"{len(train_set)} train / {len(val_set)} val images, {world} process(es) on {device}, "

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ConfigError, check_model_name, make_config
-from .ops import BACKENDS, use_backend
+from .ops import BACKENDS, current_backend, use_backend
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -42,6 +42,16 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             raise ConfigError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
         torch.cuda.set_device(device)
     return device
+
+
+def attention_backend(name: str, device: torch.device) -> str:
+    """The backend the attention runs on under ``use_backend(name)`` on ``device``; a forced backend
+    that cannot run there is a ConfigError."""
+    with use_backend(name):
+        try:
+            return current_backend(torch.empty(0, device=device))
+        except RuntimeError as error:
+            raise ConfigError(f"attention {name!r}: {error}") from None
 
 
 def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
@@ -198,6 +208,7 @@ def main(argv=None) -> dict:
     if args.compile:
         model = torch.compile(model)
     autocast, _ = autocast_and_scaler(args.amp, args.amp_dtype, device)
+    attention_backend(args.attention, device)
     with use_backend(args.attention):
         results = evaluate(
             model,

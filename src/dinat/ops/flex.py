@@ -355,7 +355,7 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dil: Pair, rpb: Tensor |
     """Fused neighborhood attention, tokens-first (B, H, W, heads, D), on flex_attention (maps whose
     dilation groups are single windows: batched attention, :mod:`dinat.ops.grouped`)."""
     if grouped.is_whole(q.shape[1], q.shape[2], kernel, dil):
-        return grouped.attention(q, k, v, kernel, dil, rpb, scale, sdpa=q.device.type == "cuda")
+        return grouped.attention(q, k, v, kernel, dil, rpb, scale)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
     if q.device.type == "cpu":
         if needs_grad:

@@ -34,13 +34,22 @@ def _bias_index(kernel: Pair, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float, sdpa: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel: Pair,
+    dilation: Pair,
+    rpb: Tensor | None,
+    scale: float,
+    sdpa: bool | None = None,
 ) -> Tensor:
     """na2d for :func:`is_whole` maps, tokens-first (B, H, W, heads, D) in and out.
 
-    ``sdpa``: run ``scaled_dot_product_attention`` (fused kernels, the choice on CUDA) rather than
-    matmul + softmax + matmul (faster on the CPU for 49-token groups: see BENCHMARKS.md).
+    ``sdpa``: run ``scaled_dot_product_attention`` (fused kernels) rather than matmul + softmax +
+    matmul (faster on the CPU for 49-token groups: see BENCHMARKS.md); by default on CUDA only.
     """
+    if sdpa is None:
+        sdpa = q.device.type == "cuda"
     batch, height, width, heads, dim = q.shape
     (kh, kw), (dh, dw) = kernel, dilation
 

@@ -272,7 +272,7 @@ na2d_triton.register_autograd(_backward, setup_context=_setup)
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     if grouped.is_whole(q.shape[1], q.shape[2], kernel, dilation):
-        return grouped.attention(q, k, v, kernel, dilation, rpb, scale, sdpa=q.device.type == "cuda")
+        return grouped.attention(q, k, v, kernel, dilation, rpb, scale)
     out, _ = na2d_triton(q, k, v, rpb, list(kernel), list(dilation), scale)
     return out
 

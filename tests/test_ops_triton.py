@@ -49,7 +49,22 @@ def test_in_triton_interpreter() -> None:
 )
 def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> None:
     """Down to the cubin, for A100 and H100, without a GPU: what the interpreter cannot check."""
-    compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb)
+    _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, triton_na.TILES[0])
+
+
+@pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", triton_na.TILES[1:], ids=str)
+def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
+    """Every configuration the autotuner may pick compiles for H100 (DiNAT's 7x7, head dim 32)."""
+    _assert_compiles(90, dtype, (7, 7), 32, True, tile)
+
+
+def _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, tile) -> None:
+    compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb, tile)
     assert sorted(compiled) == ["delta", "dot", "forward", "key", "query", "scatter", "weighted_sum"]
     for kernel_binary in compiled.values():
         assert kernel_binary.asm["cubin"] and f"sm_{arch}" in kernel_binary.asm["ptx"]
@@ -117,6 +132,45 @@ def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
     torch.testing.assert_close(qkv32.grad.cpu().double(), qkv64.grad, rtol=1e-5, atol=1e-5)
     if rpb is not None:
         torch.testing.assert_close(rpb32.grad.cpu().double(), rpb64.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture
+def tile_configs(monkeypatch):
+    """Sets the (tile, num_warps) configurations the autotuner chooses from (kernels are rebuilt)."""
+
+    def use(configs):
+        monkeypatch.setattr(triton_na, "_tile_configs", lambda: configs)
+        triton_na._fused_kernel.cache_clear()
+
+    yield use
+    monkeypatch.undo()
+    triton_na._fused_kernel.cache_clear()
+
+
+# rows spanning several programs of every tile (70 places), and dilation groups of 15 places
+TILED_SHAPES = [((1, 5, 70, 1, 16), (3, 7), (1, 1)), ((1, 6, 45, 2, 8), (3, 5), (2, 3))]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,kernel,dilation", TILED_SHAPES, ids=["w70", "w45-d2x3"])
+@pytest.mark.parametrize("configs", [(tile,) for tile in triton_na.TILES] + [triton_na.TILES], ids=str)
+def test_every_tile_matches_reference(tile_configs, configs, shape, kernel, dilation) -> None:
+    """Each configuration alone, and the autotuner's pick among all: forward and every gradient
+    (the rpb gradient's partial sums depend on the tile) against the float64 reference."""
+    tile_configs(configs)
+    qkv, rpb = _inputs(shape, kernel, True)
+    leaves64 = [qkv.clone().requires_grad_(), rpb.clone().requires_grad_()]
+    expected = reference.na2d(*leaves64[0].unbind(3), kernel, dilation, leaves64[1], 0.3)
+    grad_out = torch.randn_like(expected)
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (qkv, rpb)]
+    for _ in range(2):  # the autotuner times its configurations at the first launch of a shape only
+        out = _fused(*leaves[0].unbind(3), kernel, dilation, leaves[1], 0.3, "triton")
+        got = torch.autograd.grad(out, leaves, grad_out.float().to(DEVICE))
+        torch.testing.assert_close(out.cpu().double(), expected.detach(), rtol=1e-5, atol=1e-5)
+        for name, g, e in zip(
+            ("qkv", "rpb"), got, torch.autograd.grad(expected, leaves64, grad_out, retain_graph=True)
+        ):
+            torch.testing.assert_close(g.cpu().double(), e, rtol=1e-5, atol=1e-4, msg=name)
 
 
 @needs_kernels

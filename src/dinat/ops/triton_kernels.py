@@ -193,15 +193,17 @@ def na2d_backward_query_kernel(
     k_sb, k_sh, k_sw, k_sn,
     v_sb, v_sh, v_sw, v_sn,
     do_sb, do_sh, do_sw, do_sn,
-    r_sn, r_sh,
+    r_sn, r_sh, drpb_slots,
     heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
     KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, BIAS_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dq (contiguous like q) and, with rpb, this program's partial rpb gradient.
 
-    DRPB is (programs, KH, 2*KW-1): the rows are the program's kh key rows, the caller maps them to
-    rpb rows and sums over programs (deterministic, no atomics).
+    DRPB is (B*heads, H, drpb_slots, KH, 2*KW-1), zeros: program (b, n, row, column program c) writes
+    slot c (drpb_slots is the column program count of the smallest tile, so any tile fits); the rows
+    are its kh key rows, the caller maps them to rpb rows and sums over the rest (deterministic, no
+    atomics).
     """
     pid_bn, row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
@@ -228,7 +230,7 @@ def na2d_backward_query_kernel(
     delta = tl.load(DELTA + token, mask=valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_mask = key_valid[:, None] & d_ok[None, :]
-    program = (pid_bn.to(tl.int64) * height + row) * tl.num_programs(2) + pid_col
+    program = (pid_bn.to(tl.int64) * height + row) * drpb_slots + pid_col
     for i in range(KH):
         key_row = row_group + dil_h * (row_start + i)
         k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)

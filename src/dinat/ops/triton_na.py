@@ -18,6 +18,7 @@ import contextlib
 import functools
 import math
 import os
+import time
 
 import torch
 from torch import Tensor
@@ -26,9 +27,15 @@ from . import grouped, primitives, reference
 
 Pair = tuple[int, int]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_QUERY_BLOCK = 16  # query places per program (forward, dq); key places per program (dk, dv)
 _MAX_HEAD_DIM = 256
-_NUM_WARPS = 4  # Triton's default; not yet tuned on a GPU
+# (tile, num_warps) of the fused kernels: the tile is the query places per program (forward, dq) or
+# the key places per program (dk, dv). Per query and key row a program computes as many logits as the
+# tile's key span (32 at tile 16 with kw=7, 64 at 32): larger tiles mean fewer programs and more
+# wasted logits. Triton's autotuner times each at the first launch of every shape and keeps the
+# fastest; in the interpreter, or with DINAT_TRITON_AUTOTUNE=0, the first is used.
+TILES: tuple[Pair, ...] = ((16, 4), (16, 2), (32, 4))
+_BLOCK, _WARPS = TILES[0]  # the small kernels' fixed configuration (delta and the primitives)
+_AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
 
 
 def _probe_triton() -> tuple[str, bool]:
@@ -67,14 +74,22 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _tile_sizes(key_side: bool, tile: int, kw: int) -> dict:
+    """BLOCK_M / BLOCK_N of a program owning ``tile`` places: the key places a query tile needs along
+    a row are its places plus the window's overhang (and the queries of a key tile likewise)."""
+    window = _next_power_of_2(tile + kw - 1)
+    return {"BLOCK_M": window, "BLOCK_N": tile} if key_side else {"BLOCK_M": tile, "BLOCK_N": window}
+
+
 def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool = False) -> dict:
-    """Compile-time parameters of kernel ``name``: the fused op's 'forward', 'delta', 'query' (dq, rpb)
-    and 'key' (dk, dv), and the primitives 'dot', 'weighted_sum' and 'scatter'."""
+    """Compile-time parameters of kernel ``name`` but the fused kernels' tiles: the fused op's
+    'forward', 'delta', 'query' (dq, rpb) and 'key' (dk, dv), and the primitives 'dot',
+    'weighted_sum' and 'scatter'."""
     kh, kw = kernel
     if name == "delta":
-        return dict(BLOCK_M=_QUERY_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
+        return dict(BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     if name in ("dot", "weighted_sum"):  # (queries, kw, D) tiles, no matrix product
-        return dict(KH=kh, KW=kw, KW_PAD=_next_power_of_2(kw), BLOCK_M=_QUERY_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
+        return dict(KH=kh, KW=kw, KW_PAD=_next_power_of_2(kw), BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     params = dict(
         KH=kh,
@@ -82,22 +97,63 @@ def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_
         BLOCK_D=max(16, _next_power_of_2(head_dim)),  # tl.dot needs 16
         PRECISION=fp32_precision if dtype == torch.float32 else "tf32",
     )
-    # the key places a query tile needs along a row: the tile's places plus the window's overhang
-    window = _next_power_of_2(_QUERY_BLOCK + kw - 1)
     if name == "scatter":
-        return {**params, "BLOCK_M": window, "BLOCK_N": _QUERY_BLOCK}
+        return {**params, **_tile_sizes(True, _BLOCK, kw)}
     params["HAS_RPB"] = has_rpb
-    if name == "key":
-        return {**params, "BLOCK_M": window, "BLOCK_N": _QUERY_BLOCK}
     if name == "query":
         params["BIAS_COLS"] = _next_power_of_2(2 * kw - 1)
-    return {**params, "BLOCK_M": _QUERY_BLOCK, "BLOCK_N": window}
+    return params
 
 
-def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool) -> dict:
+_FUSED_KERNELS = {
+    "forward": "na2d_forward_kernel",
+    "query": "na2d_backward_query_kernel",
+    "key": "na2d_backward_key_kernel",
+}
+
+
+def _tile_configs() -> tuple[Pair, ...]:
+    """The (tile, num_warps) configurations the autotuner chooses from."""
+    if _INTERPRETING or os.environ.get("DINAT_TRITON_AUTOTUNE", "1") == "0":
+        return TILES[:1]
+    return TILES
+
+
+def _wall_clock(kernel_call, quantiles) -> list[float]:
+    """The interpreter's stand-in for triton.testing.do_bench (which times CUDA events)."""
+    start = time.perf_counter()
+    kernel_call()
+    return [time.perf_counter() - start] * len(quantiles)
+
+
+@functools.cache
+def _fused_kernel(name: str):
+    """Fused kernel ``name`` ('forward', 'query' or 'key') under Triton's autotuner over
+    :func:`_tile_configs`, with the other block size derived from the tuned one."""
+    import triton
+
+    from . import triton_kernels
+
+    key_side = name == "key"
+    tuned, derived = ("BLOCK_N", "BLOCK_M") if key_side else ("BLOCK_M", "BLOCK_N")
+    kernel = triton.heuristics({derived: lambda args: _tile_sizes(key_side, args[tuned], args["KW"])[derived]})(
+        getattr(triton_kernels, _FUSED_KERNELS[name])
+    )
+    return triton.autotune(
+        [triton.Config({tuned: tile}, num_warps=warps) for tile, warps in _tile_configs()],
+        key=_AUTOTUNE_KEY,
+        reset_to_zero=["DRPB"] if name == "query" else None,  # the slots a tile leaves unwritten are summed
+        do_bench=_wall_clock if _INTERPRETING else None,
+    )(kernel)
+
+
+def compile_for_cuda(
+    arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, tile: Pair = TILES[0]
+) -> dict:
     """Build the seven kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
-    time, down to the cubin, with the parameters a launch would use. Needs no GPU: this is how the
-    suite checks on CPU-only machines that the kernels compile for real devices."""
+    time, down to the cubin, with the parameters a launch would use (the fused ones with ``tile``, one
+    of TILES). Needs no GPU: this is how the suite checks on CPU-only machines that the kernels
+    compile for real devices."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -116,6 +172,10 @@ def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int,
         ("delta", triton_kernels.na2d_delta_kernel),
     ):
         constexprs = _constexprs(name, dtype, kernel, head_dim, has_rpb)
+        warps = _WARPS
+        if name in _FUSED_KERNELS:
+            constexprs.update(_tile_sizes(name == "key", tile[0], kernel[1]))
+            warps = tile[1]
         signature = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -125,7 +185,7 @@ def compile_for_cuda(arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int,
             else:
                 signature[arg] = "fp32" if arg.startswith("scale") else "i32"
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _NUM_WARPS})
+        compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     return compiled
 
 
@@ -156,13 +216,17 @@ def _grid(q: Tensor, dilation_w: int, block: int) -> tuple[int, int, int]:
     return (batch * heads, height, dilation_w * -(-places // block))
 
 
+def _tuned_grid(q: Tensor, dilation_w: int, tile: str):
+    """The grid of a fused kernel, given the configuration the autotuner launches (``tile`` names
+    its tuned block size)."""
+    return lambda meta: _grid(q, dilation_w, meta[tile])
+
+
 @torch.library.custom_op("dinat::na2d_triton", mutates_args=())
 def na2d_triton(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int], scale: float
 ) -> tuple[Tensor, Tensor]:
     """Fused attention on (B, H, W, heads, D): the output and its base-2 log-sum-exp (B, H, W, heads)."""
-    from . import triton_kernels
-
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     rpb = None if rpb is None else rpb.contiguous()
     batch, height, width, heads, dim = q.shape
@@ -170,10 +234,10 @@ def na2d_triton(
     lse = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
     with _device_of(q):
-        triton_kernels.na2d_forward_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
+        _fused_kernel("forward")[_tuned_grid(q, dilation[1], "BLOCK_M")](
             q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
             heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
-            **_constexprs("forward", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
+            **_constexprs("forward", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
     return out, lse
 
@@ -211,30 +275,32 @@ def na2d_triton_backward(
     batch, height, width, heads, dim = q.shape
     grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
-    args = (*_strides(q, k, v, grad_out), bias_sn, bias_sh, heads, height, width, dim, dilation[0], dilation[1])
-    log2_scale = scale * math.log2(math.e)
+    shape_args = (heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e), scale)
+    strides = (*_strides(q, k, v, grad_out), bias_sn, bias_sh)
 
-    grid = _grid(q, dilation[1], _QUERY_BLOCK)
+    # the rpb gradient's partial sums: a slot per column program of the smallest tile (see the kernel)
+    slots = _grid(q, dilation[1], min(tile for tile, _ in TILES))[2]
     bias_cols = 2 * kernel[1] - 1
-    partial = torch.zeros(math.prod(grid), kernel[0], bias_cols, dtype=torch.float32, device=q.device)
+    partial_shape = (batch, heads, height, slots, kernel[0], bias_cols) if rpb is not None else (0,)
+    partial = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     with _device_of(q):
-        triton_kernels.na2d_delta_kernel[(batch * heads, height, -(-width // _QUERY_BLOCK))](
+        triton_kernels.na2d_delta_kernel[(batch * heads, height, -(-width // _BLOCK))](
             grad_out, out, delta, *_strides(grad_out, out), heads, height, width, dim,
-            **_constexprs("delta", q.dtype, kernel, dim), num_warps=_NUM_WARPS,
+            **_constexprs("delta", q.dtype, kernel, dim), num_warps=_WARPS,
         )  # fmt: skip
-        triton_kernels.na2d_backward_query_kernel[grid](
-            q, k, v, bias, grad_out, lse, delta, grad_q, partial, *args, log2_scale, scale,
-            **_constexprs("query", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
+        _fused_kernel("query")[_tuned_grid(q, dilation[1], "BLOCK_M")](
+            q, k, v, bias, grad_out, lse, delta, grad_q, partial, *strides, slots, *shape_args,
+            **_constexprs("query", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
-        triton_kernels.na2d_backward_key_kernel[_grid(q, dilation[1], _QUERY_BLOCK)](
-            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *args, log2_scale, scale,
-            **_constexprs("key", q.dtype, kernel, dim, rpb is not None), num_warps=_NUM_WARPS,
+        _fused_kernel("key")[_tuned_grid(q, dilation[1], "BLOCK_N")](
+            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, *shape_args,
+            **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
     if rpb is None:
         return grad_q, grad_k, grad_v, q.new_empty(0)
-    # partial rows are (batch, head, query row, column program, i-th key row): to rpb rows
-    per_row = partial.view(batch, heads, height, grid[2], kernel[0], bias_cols).sum((0, 3), dtype=torch.float64)
+    # partial rows are (batch, head, query row, column slot, i-th key row): to rpb rows
+    per_row = partial.sum((0, 3), dtype=torch.float64)
     rows = _bias_rows(height, kernel[0], dilation[0], q.device)
     grad_rpb = torch.einsum("nxc,xr->nrc", per_row.reshape(heads, -1, bias_cols), rows)
     return grad_q, grad_k, grad_v, grad_rpb.to(rpb.dtype)
@@ -289,9 +355,9 @@ def _primitive(name: str, first: Tensor, features: Tensor, out_channels: int, ke
     n, height, width, dim = features.shape
     out = features.new_empty(n, height, width, out_channels)
     with _device_of(features):
-        getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation[1], _QUERY_BLOCK)](
+        getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation[1], _BLOCK)](
             first, features, out, height, width, dim, dilation[0], dilation[1],
-            **_constexprs(name, features.dtype, kernel, dim), num_warps=_NUM_WARPS,
+            **_constexprs(name, features.dtype, kernel, dim), num_warps=_WARPS,
         )  # fmt: skip
     return out
 

@@ -27,10 +27,10 @@ bench: $(STAMP)
 # On a machine with a CUDA GPU: the CUDA op tests (every tile configuration is tested by itself, so
 # the rest run on the first one without autotuning), then one run timing both CUDA attention backends
 # (triton, the default, and flex) against window attention and Swin-T (bfloat16, batch 128); it
-# prints the tile the autotuner picks for each shape.
+# ends with the tile the autotuner picked for each kernel and shape.
 bench-cuda: $(STAMP)
 	DINAT_TRITON_AUTOTUNE=0 $(PY) -m pytest -q tests/test_ops_flex.py tests/test_ops_triton.py tests/test_ops_triton_unfused.py
-	TRITON_PRINT_AUTOTUNING=1 $(PY) -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --repeats 20 \
+	$(PY) -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --repeats 20 \
 		--no-reference --compare flex --models dinat_mini dinat_mini@flex swin_tiny_patch4_window7_224 \
 		--output bench_results/cuda
 

@@ -311,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
             results["model"] = model_rows(
                 args.models, args.batch, args.repeats, args.threads, device, dtype, args.backend, args.compile
             )
+    if device.type == "cuda":
+        from .ops import triton_na  # imports Triton: only where its kernels may have run
+
+        results["triton_autotuned"] = triton_na.autotuned()
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "bench.json"
     path.write_text(json.dumps(results, indent=2))
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
         cols = ["model", "infer_img_s", "infer_vs_swin_t", "train_img_s", "train_vs_swin_t"]
         cols += ["train_peak_mem_mb", "mem_vs_swin_t"]
         print("\n" + _table(results["model"], cols))
+    if results.get("triton_autotuned"):
+        cols = ["kernel", "height", "width", "KH", "KW", "dil_h", "dil_w", "heads", "dtype", "tile", "num_warps"]
+        print("\nTriton's autotuner picked:\n" + _table(results["triton_autotuned"], cols))
     print(f"\nresults: {path}")
     return results
 

@@ -147,6 +147,21 @@ def _fused_kernel(name: str):
     )(kernel)
 
 
+def autotuned() -> list[dict]:
+    """What Triton's autotuner picked so far: one row per fused kernel and shape (key), with the tile
+    and warp count. Empty when it had a single configuration to use (no choice made)."""
+    if _TRITON_PROBLEM:
+        return []
+    picks = []
+    for name in _FUSED_KERNELS:
+        for key, config in _fused_kernel(name).cache.items():
+            (tile,) = config.kwargs.values()
+            shape = dict(zip(_AUTOTUNE_KEY, key))
+            picks.append({"kernel": name, **shape, "dtype": key[len(_AUTOTUNE_KEY)], "tile": tile,
+                          "num_warps": config.num_warps})  # fmt: skip
+    return picks
+
+
 def compile_for_cuda(
     arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, tile: Pair = TILES[0]
 ) -> dict:
@@ -417,4 +432,4 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     return out.view(batch, heads, height, width, dim)
 
 
-__all__ = ["available", "unavailable_reason", "compile_for_cuda", "na2d", "na2d_qk", "na2d_av"]
+__all__ = ["available", "unavailable_reason", "autotuned", "compile_for_cuda", "na2d", "na2d_qk", "na2d_av"]

@@ -294,3 +294,14 @@ def test_unavailable_is_a_clear_error() -> None:
     bad, reason = (x.double(), "float64") if RUNNABLE else (x, "triton backend is unavailable")
     with use_backend("triton"), pytest.raises(RuntimeError, match=reason):
         na2d(bad, bad, bad, 3)
+
+
+def test_autotune_setting_is_checked(monkeypatch) -> None:
+    """DINAT_TRITON_AUTOTUNE=0 means the first configuration alone; a value other than 0/1 is an error."""
+    monkeypatch.setenv("DINAT_TRITON_AUTOTUNE", "0")
+    assert triton_na._tile_configs() == triton_na.TILES[:1]
+    monkeypatch.setenv("DINAT_TRITON_AUTOTUNE", "1")
+    assert triton_na._tile_configs() == (triton_na.TILES[:1] if INTERPRETED else triton_na.TILES)
+    monkeypatch.setenv("DINAT_TRITON_AUTOTUNE", "off")
+    with pytest.raises(ValueError, match="DINAT_TRITON_AUTOTUNE must be 0 or 1, got 'off'"):
+        triton_na._tile_configs()

@@ -114,9 +114,10 @@ _FUSED_KERNELS = {
 
 def _tile_configs() -> tuple[Pair, ...]:
     """The (tile, num_warps) configurations the autotuner chooses from."""
-    if _INTERPRETING or os.environ.get("DINAT_TRITON_AUTOTUNE", "1") == "0":
-        return TILES[:1]
-    return TILES
+    setting = os.environ.get("DINAT_TRITON_AUTOTUNE", "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"DINAT_TRITON_AUTOTUNE must be 0 or 1, got {setting!r}")
+    return TILES[:1] if _INTERPRETING or setting == "0" else TILES
 
 
 def _wall_clock(kernel_call, quantiles) -> list[float]:

@@ -32,7 +32,8 @@ _MAX_HEAD_DIM = 256
 # the key places per program (dk, dv). Per query and key row a program computes as many logits as the
 # tile's key span (32 at tile 16 with kw=7, 64 at 32): larger tiles mean fewer programs and more
 # wasted logits. Triton's autotuner times each at the first launch of every shape and keeps the
-# fastest; in the interpreter, or with DINAT_TRITON_AUTOTUNE=0, the first is used.
+# fastest (so run a shape once before capturing it in a CUDA graph, as torch.compile's
+# "reduce-overhead" mode does); in the interpreter, or with DINAT_TRITON_AUTOTUNE=0, the first is used.
 TILES: tuple[Pair, ...] = ((16, 4), (16, 2), (32, 4))
 _BLOCK, _WARPS = TILES[0]  # the small kernels' fixed configuration (delta and the primitives)
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import yaml
 
 import dinat  # noqa: F401
 from dinat.config import Config, ConfigError, make_config
@@ -145,6 +146,38 @@ def test_unknown_model_is_a_clear_error_with_suggestions():
         make_config({"sched": "cosin"})
     with pytest.raises(ConfigError, match="unknown attention backend 'trition'.*'triton'"):
         make_config({"attention": "trition"})
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("batch_size", 0, "batch_size must be > 0, got 0"),
+        ("batch_size", 3.5, "batch_size must be an integer, got 3.5"),
+        ("batch_size", "64", "batch_size must be an integer, got '64'"),
+        ("epochs", -1, "epochs must be > 0, got -1"),
+        ("log_interval", 0, "log_interval must be > 0, got 0"),
+        ("checkpoint_interval", -5, "checkpoint_interval must be >= 0, got -5"),
+        ("workers", -1, "workers must be >= 0, got -1"),
+        ("lr", 0, "lr must be > 0, got 0.0"),
+        ("lr", "fast", "lr must be a number, got 'fast'"),
+        ("clip_grad", -1.0, "clip_grad must be >= 0, got -1.0"),
+        ("reprob", 1.5, "reprob must be <= 1, got 1.5"),
+        ("drop_path", -0.1, "drop_path must be >= 0, got -0.1"),
+        ("scale", [1.0, 0.08], r"scale must be two numbers a, b with 0.0 < a <= b <= 1.0, got \(1.0, 0.08\)"),
+        ("ratio", [0.75], r"ratio must be two numbers a, b with 0.0 < a <= b, got \(0.75,\)"),
+        ("opt_betas", [0.9, 1.0], r"opt_betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
+        ("mean", 0.5, r"mean must be three numbers \(R, G, B\), got 0.5"),
+        ("std", [0.2, 0.0, 0.2], r"std must be > 0, got \(0.2, 0.0, 0.2\)"),
+    ],
+)
+def test_bad_values_are_clear_errors(tmp_path, key, value, message):
+    """A value of the wrong type or out of range, from a file or the command line, names the key and value."""
+    with pytest.raises(ConfigError, match=message):
+        make_config({key: value})
+    config = tmp_path / "bad.yml"
+    config.write_text(yaml.safe_dump({key: value}))
+    with pytest.raises(ConfigError, match=message):
+        make_config(config_file=config)
 
 
 def test_command_line_overrides_the_file(tmp_path):

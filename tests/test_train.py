@@ -188,6 +188,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert not list(out.glob(".*tmp*"))
 
 
+def test_nan_loss_is_caught_at_the_next_log_step_before_anything_is_saved(tmp_path, capsys):
+    """The loss is checked every --log-interval steps (one host sync), not at every step."""
+    root = write_pngs(tmp_path / "data", per_class=8)
+    out = tmp_path / "nan"
+    argv = [str(root), *TINY, "--epochs", "3", "--lr", "1e30", "--weight-decay", "0", "--clip-grad", "0"]
+    with pytest.raises(SystemExit):
+        train.main([*argv, "--log-interval", "3", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert "loss is not finite by epoch 1, step 3; stopping (no checkpoint was saved)" in err
+    assert not (out / "last.pth").exists()
+
+
 @pytest.mark.parametrize(
     "amp_dtype,device,bf16_gpu,expected,scaled",
     [

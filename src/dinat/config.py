@@ -94,7 +94,7 @@ class Config:
     checkpoint_hist: int = 3  # best checkpoints kept
     eval_metric: str = "top1"
     max_steps: int = 0  # stop after this many optimizer steps in total (0: train all epochs)
-    log_interval: int = 10
+    log_interval: int = 10  # steps between progress-bar updates and checks that the loss is finite
 
     def schedule_epochs(self) -> int:
         """Epochs the run lasts: the schedule plus the cooldown at min_lr (as in the original)."""
@@ -129,14 +129,63 @@ def _coerce(name: str, value: Any) -> Any:
     default = Config.__dataclass_fields__[name].default
     if isinstance(default, tuple) and isinstance(value, list):
         return tuple(value)
-    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-        return float(value)  # YAML reads 1e-3 as a string
-    if name in ("lr_base", "drop_path", "clip_grad") and isinstance(value, str):
-        return float(value)
+    numeric = isinstance(default, float) or name in ("lr_base", "drop_path", "clip_grad")
+    if numeric and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
     return value
 
 
+# Ranges of the numeric settings (None where a setting may be None means: not set).
+_POSITIVE = "img_size epochs batch_size lr lr_base lr_base_size opt_eps recount log_interval num_classes crop_pct"
+_NON_NEGATIVE = (
+    "workers weight_decay clip_grad warmup_lr min_lr warmup_epochs cooldown_epochs mixup cutmix color_jitter "
+    "threads checkpoint_interval checkpoint_hist max_steps"
+)
+_AT_MOST_ONE = "crop_pct drop_path smoothing mixup_prob mixup_switch_prob reprob hflip model_ema_decay"
+_RANGES = {"scale": (0.0, 1.0), "ratio": (0.0, None)}  # (low, high) of a range a, b: low < a <= b <= high
+
+
+def _numbers(values: Any, count: int) -> bool:
+    """Whether ``values`` is a tuple of ``count`` numbers."""
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return isinstance(values, tuple) and len(values) == count and all(map(is_number, values))
+
+
+def _check_values(cfg: Config) -> None:
+    """Types and ranges of the numeric settings: a bad one is a ConfigError naming it and its value."""
+    for f in fields(Config):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if (value is None and "None" in kind) or "tuple" in kind or not ("int" in kind or "float" in kind):
+            continue
+        whole = "int" in kind
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            raise ConfigError(f"{f.name} must be {'an integer' if whole else 'a number'}, got {value!r}")
+        if f.name in _POSITIVE.split() and not value > 0:
+            raise ConfigError(f"{f.name} must be > 0, got {value!r}")
+        if f.name in (_NON_NEGATIVE + " " + _AT_MOST_ONE).split() and not value >= 0:
+            raise ConfigError(f"{f.name} must be >= 0, got {value!r}")
+        if f.name in _AT_MOST_ONE.split() and not value <= 1:
+            raise ConfigError(f"{f.name} must be <= 1, got {value!r}")
+    for name, (low, high) in _RANGES.items():
+        pair = getattr(cfg, name)
+        if not (_numbers(pair, 2) and low < pair[0] <= pair[1] and (high is None or pair[1] <= high)):
+            bound = f"{low} < a <= b" + (f" <= {high}" if high is not None else "")
+            raise ConfigError(f"{name} must be two numbers a, b with {bound}, got {pair!r}")
+    if not (_numbers(cfg.opt_betas, 2) and all(0 <= beta < 1 for beta in cfg.opt_betas)):
+        raise ConfigError(f"opt_betas must be two numbers in [0, 1), got {cfg.opt_betas!r}")
+    for name in ("mean", "std"):
+        values = getattr(cfg, name)
+        if not _numbers(values, 3):
+            raise ConfigError(f"{name} must be three numbers (R, G, B), got {values!r}")
+    if not all(v > 0 for v in cfg.std):
+        raise ConfigError(f"std must be > 0, got {cfg.std!r}")
+
+
 def validate(cfg: Config, check_model: bool = True) -> Config:
+    _check_values(cfg)
     if cfg.sched not in SCHEDULERS:
         raise ConfigError(_suggest(cfg.sched, SCHEDULERS, "scheduler"))
     if cfg.attention not in BACKENDS:

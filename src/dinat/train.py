@@ -58,6 +58,14 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def all_finite(value: torch.Tensor, world: int) -> bool:
+    """Whether ``value`` is finite on every rank (a collective: all ranks call it at the same step)."""
+    finite = torch.isfinite(value).float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def rng_state() -> dict:
     """This process's random states, as tensors and plain values (loadable with weights_only)."""
     np_state = np.random.get_state()
@@ -325,6 +333,7 @@ def _train(cfg: Config) -> dict:
         sampler.start = start_batch * cfg.batch_size
         loader = train_loader(train_set, sampler, cfg, epoch, pin)
         loss_sum, seen = partial if start_batch else (0.0, 0)
+        loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # summed where it is: no sync per step
         model.train()
         bar = tqdm(
             total=steps_per_epoch,
@@ -343,16 +352,6 @@ def _train(cfg: Config) -> dict:
                 x, y = mixup(x, y)
             with autocast():
                 loss = criterion(model(x), y)
-
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item():
-                bar.close()
-                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping ({kept})"
-                )
 
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -373,18 +372,25 @@ def _train(cfg: Config) -> dict:
             if not cfg.sched_epochwise:
                 scheduler.step_update(step)
 
-            loss_value = loss.item()
-            loss_sum, seen = loss_sum + loss_value * len(x), seen + len(x)
-            speed = total_batch * (batch_idx + 1 - start_batch) / max(time.perf_counter() - tick, 1e-9)
-            bar.set_postfix_str(
-                f"loss {loss_value:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {speed:.0f} img/s",
-                refresh=False,
-            )
+            loss_sum += loss.detach() * len(x)  # a NaN or inf stays in the sum until it is checked
+            seen += len(x)
             bar.update()
             finished = bool(cfg.max_steps) and step >= cfg.max_steps
             mid_epoch = batch_idx + 1 < steps_per_epoch
-            if mid_epoch and (finished or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
-                save(epoch, batch_idx + 1, (loss_sum, seen))
+            save_now = mid_epoch and (finished or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0))
+            # every log_interval steps and before any save: the one host sync (all ranks at the same steps)
+            if save_now or not mid_epoch or step % cfg.log_interval == 0:
+                if not all_finite(loss_sum, world):
+                    bar.close()
+                    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+                    raise TrainingDiverged(f"loss is not finite by epoch {epoch + 1}, step {step}; stopping ({kept})")
+                speed = total_batch * (batch_idx + 1 - start_batch) / max(time.perf_counter() - tick, 1e-9)
+                bar.set_postfix_str(
+                    f"loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {speed:.0f} img/s",
+                    refresh=False,
+                )
+            if save_now:
+                save(epoch, batch_idx + 1, (loss_sum.item(), seen))
                 log(f"saved {out / 'last.pth'} at step {step} (epoch {epoch + 1}, batch {batch_idx + 1})")
             if finished:
                 break
@@ -392,7 +398,7 @@ def _train(cfg: Config) -> dict:
         start_batch = 0
 
         # -- end of epoch: metrics over all ranks, eval, checkpoints, history ---------------------
-        sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
+        sums = torch.stack([loss_sum, loss_sum.new_tensor(seen)])
         if world > 1:
             dist.all_reduce(sums)
         metrics = evaluate(bare, val_loader, device, autocast, world > 1, cfg.channels_last)

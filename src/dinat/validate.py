@@ -190,6 +190,7 @@ def main(argv=None) -> dict:
 
     args = build_parser().parse_args(argv)
     shared = ("model", "data_dir", "dataset", "img_size", "crop_pct", "interpolation", "batch_size", "workers")
+    shared += ("threads", "num_classes")  # not used through cfg: checked there
     cfg = make_config({**{k: getattr(args, k) for k in shared}, "val_split": args.split})
     dataset, data_classes = build_eval_dataset(cfg)
     device = pick_device(args.device)

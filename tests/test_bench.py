@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dinat import bench
+from dinat.config import ConfigError
 
 
 def test_bench_runs_and_writes_json(tmp_path, capsys) -> None:
@@ -45,3 +46,5 @@ def test_bench_rejects_bad_arguments() -> None:
         bench.main(["--batch", "0"])
     with pytest.raises(SystemExit):
         bench.main(["--models", "dinat_nano@fast"])
+    with pytest.raises(ConfigError, match="unknown model 'dinat_nanno'.*'dinat_nano'"):
+        bench.main(["--models", "dinat_nanno", "--suite", "model"])

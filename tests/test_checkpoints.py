@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import dinat
 from dinat.checkpoints import (
+    CheckpointError,
     CheckpointMismatchError,
     load_checkpoint,
     load_state_dict,
@@ -103,6 +104,14 @@ def test_bad_files(tmp_path) -> None:
         load_state_dict(tmp_path / "x.pth")
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
         load_state_dict(tmp_path / "missing.pth")
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(1000)}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:300])
+    (tmp_path / "x.safetensors").write_bytes(b"not a checkpoint")
+    for bad in (truncated, tmp_path / "x.safetensors"):
+        with pytest.raises(CheckpointError, match=f"{bad} is not a readable checkpoint"):
+            load_state_dict(bad)
 
 
 def test_resize_rpb() -> None:

@@ -195,3 +195,18 @@ def test_cli_reports_config_errors(capsys):
 
     assert main(["train", "--dataset", "digits", "--model", "dinat_nanoo"]) == 2
     assert "did you mean 'dinat_nano'" in capsys.readouterr().err
+
+
+def test_cli_reports_checkpoint_errors(tmp_path, capsys):
+    """A missing --resume / --initial-checkpoint is a config error before any work; an unreadable
+    --checkpoint names the file (exit 2, no traceback)."""
+    from dinat.cli import main
+
+    missing = tmp_path / "none.pth"
+    for flag, key in (("--resume", "resume"), ("--initial-checkpoint", "initial_checkpoint")):
+        assert main(["train", "--dataset", "digits", "--model", "dinat_nano", flag, str(missing)]) == 2
+        assert f"error: {key}: no checkpoint file at {missing}" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["validate", "--dataset", "digits", "--model", "dinat_nano", "--checkpoint", str(garbage)]) == 2
+    assert f"error: {garbage} is not a readable checkpoint" in capsys.readouterr().err

@@ -79,3 +79,16 @@ def test_main_table_and_errors() -> None:
     assert rows[0][1] == pytest.approx(19.98, abs=0.005) and rows[1][2] == pytest.approx(89.5, abs=0.05)
     with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\)"):
         count(timm.create_model("dinat_nano"), (224, 224))
+
+
+def test_cli_errors(capsys) -> None:
+    """A bad size or model name is a usage error (exit 2) that names it, not a traceback."""
+    from dinat.cli import main
+
+    for argv, message in [
+        (["--model", "dinat_mini", "--img-size", "0"], r"got (3, 0, 0)"),
+        (["--model", "dinat_mii"], "unknown model 'dinat_mii'"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(["flops", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import check_model_name
 from .ops import BACKENDS, current_backend, na2d, use_backend
 
 # (tokens per side, heads, dilations used at that level) for DiNAT-Mini at 224 px.
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         if name.partition("@")[2] not in ("", *BACKENDS):
             parser.error(f"--models {name}: the backend after '@' must be one of {BACKENDS}")
+        if args.suite != "op":
+            check_model_name(name.partition("@")[0])
     if args.batch < 1 or args.threads < 1 or args.repeats < 1:
         parser.error(f"--batch, --threads, --repeats must be >= 1, got {args.batch}, {args.threads}, {args.repeats}")
     torch.set_num_threads(args.threads)

@@ -81,16 +81,30 @@ def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, Tensor]:
     return state_dict
 
 
-def load_state_dict(path: str | os.PathLike, use_ema: bool = True) -> dict[str, Tensor]:
-    """Read a ``.pth`` (weights only) or ``.safetensors`` checkpoint and unwrap it."""
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that does not hold what is asked of it."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The object in a ``.pth`` (``torch.load``, weights only) or ``.safetensors`` file, on the CPU.
+    A missing file is a FileNotFoundError, an unreadable one (truncated, not a checkpoint) a
+    :class:`CheckpointError`; both name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return unwrap_state_dict(load_file(str(path), device="cpu"), use_ema)
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), use_ema)
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds (pickle, zip, EOF, RuntimeError)
+        raise CheckpointError(f"{path} is not a readable checkpoint: {type(error).__name__}: {error}") from error
+
+
+def load_state_dict(path: str | os.PathLike, use_ema: bool = True) -> dict[str, Tensor]:
+    """Read a ``.pth`` (weights only) or ``.safetensors`` checkpoint and unwrap it."""
+    return unwrap_state_dict(read_checkpoint(path), use_ema)
 
 
 def check_state_dict(

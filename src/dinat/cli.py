@@ -17,15 +17,16 @@ USAGE = __doc__
 def _flops(argv) -> None:
     from . import flops
 
-    if hasattr(flops, "main"):
-        flops.main(argv)
-        return
     parser = argparse.ArgumentParser(prog="dinat flops", description="parameters and FLOPs (fvcore, 1 MAC = 1 FLOP)")
     parser.add_argument("--model", nargs="+", required=True)
     parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args(argv)
+    try:  # checks the names and the size before counting anything
+        rows = flops.main_table(args.model, (3, args.img_size, args.img_size))
+    except ValueError as error:
+        parser.error(str(error))
     print(f"{'model':<28} {'params (M)':>11} {'GFLOPs':>9}")
-    for name, params, gflops in flops.main_table(args.model, (3, args.img_size, args.img_size)):
+    for name, params, gflops in rows:
         print(f"{name:<28} {params:>11.2f} {gflops:>9.2f}")
 
 
@@ -51,6 +52,7 @@ COMMANDS = {"train": _train, "validate": _validate, "flops": _flops, "bench": _b
 
 
 def main(argv=None) -> int:
+    from .checkpoints import CheckpointError
     from .config import ConfigError
     from .data import DataError
 
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

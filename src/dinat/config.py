@@ -186,6 +186,10 @@ def _check_values(cfg: Config) -> None:
 
 def validate(cfg: Config, check_model: bool = True) -> Config:
     _check_values(cfg)
+    for name in ("resume", "initial_checkpoint"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{name}: no checkpoint file at {path}")
     if cfg.sched not in SCHEDULERS:
         raise ConfigError(_suggest(cfg.sched, SCHEDULERS, "scheduler"))
     if cfg.attention not in BACKENDS:

@@ -32,8 +32,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 from tqdm import tqdm
 
+from .checkpoints import read_checkpoint
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
-from .config import Config, add_config_arguments, as_dict, config_from_args
+from .config import Config, ConfigError, add_config_arguments, as_dict, config_from_args
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
 from .ops import use_backend
 from .validate import attention_backend, autocast_and_scaler, create_model, evaluate, load_weights, pick_device
@@ -273,7 +274,7 @@ def _train(cfg: Config) -> dict:
     start_epoch, start_batch, step, history, best, partial = 0, 0, 0, [], [], (0.0, 0)
     rng_to_restore = None
     if cfg.resume:
-        ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(cfg.resume)
         bare.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -432,7 +433,7 @@ def _train(cfg: Config) -> dict:
 
     # -- the end ---------------------------------------------------------------------------------
     if row is None:
-        raise ValueError(f"nothing to train: {cfg.resume} is at the end of its {num_epochs} epochs")
+        raise ConfigError(f"nothing to train: {cfg.resume} is at the end of its {num_epochs} epochs")
     summary = {
         **row,
         "best_top1": max([h["val_top1"] for h in history], default=row["val_top1"]),

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .checkpoints import CheckpointError, read_checkpoint
 from .config import ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
@@ -83,10 +84,10 @@ def create_model(name: str, num_classes: int | None, pretrained: bool = False, d
 
 def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Weights from a bare state_dict file or from a `dinat train` checkpoint (`model` / `ema`)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_checkpoint(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         if use_ema and obj.get("ema") is None:
-            raise ValueError(f"{path} has no EMA weights")
+            raise CheckpointError(f"{path} has no EMA weights")
         return obj["ema"] if use_ema else obj["model"]
     if isinstance(obj, dict) and "state_dict" in obj:
         return obj["state_dict"]
@@ -106,7 +107,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False
     bad_missing = [k for k in missing if not k.startswith(heads)]
     bad_shape = [k for k in new_head if not k.startswith(heads)]
     if bad_missing or unexpected or bad_shape:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} does not fit {type(model).__name__}: missing {bad_missing[:5]}, "
             f"unexpected {list(unexpected)[:5]}, other shapes {bad_shape[:5]}"
         )

@@ -140,11 +140,9 @@ def tile_configs(monkeypatch):
 
     def use(configs):
         monkeypatch.setattr(triton_na, "_tile_configs", lambda: configs)
-        triton_na._fused_kernel.cache_clear()
+        triton_na._autotuned_kernel.cache_clear()  # each test's autotuner starts without picks
 
     yield use
-    monkeypatch.undo()
-    triton_na._fused_kernel.cache_clear()
 
 
 # rows spanning several programs of every tile (70 places), and dilation groups of 15 places
@@ -297,11 +295,18 @@ def test_unavailable_is_a_clear_error() -> None:
 
 
 def test_autotune_setting_is_checked(monkeypatch) -> None:
-    """DINAT_TRITON_AUTOTUNE=0 means the first configuration alone; a value other than 0/1 is an error."""
+    """DINAT_TRITON_AUTOTUNE=0 and deterministic algorithms mean the first configuration alone; a
+    value other than 0/1 is an error."""
     monkeypatch.setenv("DINAT_TRITON_AUTOTUNE", "0")
     assert triton_na._tile_configs() == triton_na.TILES[:1]
     monkeypatch.setenv("DINAT_TRITON_AUTOTUNE", "1")
     assert triton_na._tile_configs() == (triton_na.TILES[:1] if INTERPRETED else triton_na.TILES)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert triton_na._tile_configs() == triton_na.TILES[:1]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     monkeypatch.setenv("DINAT_TRITON_AUTOTUNE", "off")
     with pytest.raises(ValueError, match="DINAT_TRITON_AUTOTUNE must be 0 or 1, got 'off'"):
         triton_na._tile_configs()

@@ -33,7 +33,7 @@ _MAX_HEAD_DIM = 256
 # tile's key span (32 at tile 16 with kw=7, 64 at 32): larger tiles mean fewer programs and more
 # wasted logits. Triton's autotuner times each at the first launch of every shape and keeps the
 # fastest (so run a shape once before capturing it in a CUDA graph, as torch.compile's
-# "reduce-overhead" mode does); in the interpreter, or with DINAT_TRITON_AUTOTUNE=0, the first is used.
+# "reduce-overhead" mode does); see _tile_configs for when the first is used alone.
 TILES: tuple[Pair, ...] = ((16, 4), (16, 2), (32, 4))
 _BLOCK, _WARPS = TILES[0]  # the small kernels' fixed configuration (delta and the primitives)
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
@@ -114,11 +114,14 @@ _FUSED_KERNELS = {
 
 
 def _tile_configs() -> tuple[Pair, ...]:
-    """The (tile, num_warps) configurations the autotuner chooses from."""
+    """The (tile, num_warps) configurations the autotuner chooses from: the first alone in the
+    interpreter, with DINAT_TRITON_AUTOTUNE=0, or under torch.use_deterministic_algorithms (a choice
+    by timing could differ between runs, and with it the order of the floating-point sums)."""
     setting = os.environ.get("DINAT_TRITON_AUTOTUNE", "1")
     if setting not in ("0", "1"):
         raise ValueError(f"DINAT_TRITON_AUTOTUNE must be 0 or 1, got {setting!r}")
-    return TILES[:1] if _INTERPRETING or setting == "0" else TILES
+    fixed = _INTERPRETING or setting == "0" or torch.are_deterministic_algorithms_enabled()
+    return TILES[:1] if fixed else TILES
 
 
 def _wall_clock(kernel_call, quantiles) -> list[float]:
@@ -128,10 +131,14 @@ def _wall_clock(kernel_call, quantiles) -> list[float]:
     return [time.perf_counter() - start] * len(quantiles)
 
 
-@functools.cache
 def _fused_kernel(name: str):
     """Fused kernel ``name`` ('forward', 'query' or 'key') under Triton's autotuner over
     :func:`_tile_configs`, with the other block size derived from the tuned one."""
+    return _autotuned_kernel(name, _tile_configs())
+
+
+@functools.cache
+def _autotuned_kernel(name: str, configs: tuple[Pair, ...]):
     import triton
 
     from . import triton_kernels
@@ -142,7 +149,7 @@ def _fused_kernel(name: str):
         getattr(triton_kernels, _FUSED_KERNELS[name])
     )
     return triton.autotune(
-        [triton.Config({tuned: tile}, num_warps=warps) for tile, warps in _tile_configs()],
+        [triton.Config({tuned: tile}, num_warps=warps) for tile, warps in configs],
         key=_AUTOTUNE_KEY,
         reset_to_zero=["DRPB"] if name == "query" else None,  # the slots a tile leaves unwritten are summed
         do_bench=_wall_clock if _INTERPRETING else None,

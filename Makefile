@@ -28,6 +28,9 @@ CUDA_BENCH := -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --re
 	--compare flex --models dinat_mini dinat_mini@flex swin_tiny_patch4_window7_224 --output bench_results/cuda
 HAS_CUDA = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
+CUDA_TESTS := tests/test_ops_golden.py tests/test_ops_grouped.py tests/test_ops_flex.py tests/test_ops_triton.py \
+	tests/test_ops_triton_unfused.py
+
 # On a machine with a CUDA GPU the CUDA figures, else the CPU ones.
 bench: $(STAMP)
 	$(if $(filter 1,$(HAS_CUDA)),$(PY) $(CUDA_BENCH),$(PY) -m dinat.cli bench --output bench_results)
@@ -35,7 +38,7 @@ bench: $(STAMP)
 # The CUDA op tests (every tile configuration is tested by itself, so the rest run on the first one,
 # without autotuning), then the CUDA figures.
 bench-cuda: $(STAMP)
-	DINAT_TRITON_AUTOTUNE=0 $(PY) -m pytest -q tests/test_ops_flex.py tests/test_ops_triton.py tests/test_ops_triton_unfused.py
+	DINAT_TRITON_AUTOTUNE=0 $(PY) -m pytest -q $(CUDA_TESTS)
 	$(PY) $(CUDA_BENCH)
 
 lint: $(STAMP)

@@ -48,3 +48,28 @@ def test_low_precision_inputs_with_a_float32_rpb(sdpa) -> None:
     assert low.dtype == torch.bfloat16
     full = grouped.attention(q, k, v, (7, 7), (2, 2), rpb, 0.25, sdpa=sdpa)
     torch.testing.assert_close(low.float(), full, rtol=2e-2, atol=2e-2)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_close_to_float32(device, dtype) -> None:
+    """float16/bfloat16 q, k, v with a float32 rpb (as under autocast), through SDPA (the CUDA path):
+    output and gradients within 1e-2 of float32."""
+    shape, kernel, dilation = (2, 14, 14, 2, 32), (7, 7), (2, 2)
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, *shape, generator=gen)
+    rpb = torch.randn(shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1, generator=gen)
+    results = {}
+    for run_dtype in (torch.float32, dtype):
+        x = qkv.to(device, run_dtype).detach().requires_grad_()
+        bias = rpb.to(device).detach().requires_grad_()
+        out = grouped.attention(*x, kernel, dilation, bias, 32**-0.5, sdpa=True)
+        assert out.dtype == run_dtype
+        out.float().square().sum().backward()
+        results[run_dtype] = (out.float(), x.grad.float(), bias.grad)
+    for name, low, full in zip(("out", "grad_qkv", "grad_rpb"), results[dtype], results[torch.float32]):
+        scale = full.abs().max()
+        assert (low - full).abs().max() <= 1e-2 * scale, f"{name}: {(low - full).abs().max()} vs {scale}"

@@ -331,3 +331,38 @@ def test_whole_model_matches_reference_backend() -> None:
     torch.testing.assert_close(results["triton"][0], results["reference"][0], rtol=1e-4, atol=1e-5)
     for name, grad in results["reference"][1].items():
         torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _random_case(seed: int) -> tuple:
+    """A random valid (shape, kernel, dilation) and a tile configuration (in turn): map sides from
+    kernel * dilation up, odd kernels 3-9 per axis (the golden cases go to 13), head dims 8-40."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=gen))
+
+    kernel = (2 * pick(1, 4) + 1, 2 * pick(1, 4) + 1)
+    dilation = (pick(1, 3), pick(1, 3))
+    sides = [k * d + pick(0, 8) for k, d in zip(kernel, dilation)]
+    shape = (1, *sides, pick(1, 2), 8 * pick(1, 5))
+    return shape, kernel, dilation, triton_na.TILES[seed % len(triton_na.TILES)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed", range(6))
+def test_random_cases_match_reference(tile_configs, seed) -> None:
+    """Random shapes, kernels, dilations and tile configurations: forward and every gradient against
+    the float64 reference."""
+    shape, kernel, dilation, tile = _random_case(seed)
+    tile_configs((tile,))
+    qkv, rpb = _inputs(shape, kernel, True, seed=seed)
+    leaves64 = [qkv.clone().requires_grad_(), rpb.clone().requires_grad_()]
+    expected = reference.na2d(*leaves64[0].unbind(3), kernel, dilation, leaves64[1], 0.5)
+    grad_out = torch.randn_like(expected)
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (qkv, rpb)]
+    out = _fused(*leaves[0].unbind(3), kernel, dilation, leaves[1], 0.5, "triton")
+    got = torch.autograd.grad(out, leaves, grad_out.float().to(DEVICE))
+    case = f"{shape}, kernel {kernel}, dilation {dilation}, tile {tile}"
+    torch.testing.assert_close(out.cpu().double(), expected.detach(), rtol=1e-5, atol=1e-5, msg=case)
+    for name, g, e in zip(("qkv", "rpb"), got, torch.autograd.grad(expected, leaves64, grad_out)):
+        torch.testing.assert_close(g.cpu().double(), e, rtol=1e-5, atol=1e-4, msg=f"grad {name}: {case}")

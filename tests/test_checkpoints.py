@@ -168,3 +168,18 @@ def test_alternative_url(monkeypatch, tmp_path) -> None:
     kwargs = {"pretrained_cfg_overlay": {"file": "local.pth"}}
     resolve_download("dinat_s_tiny", kwargs)
     assert kwargs == {"pretrained_cfg_overlay": {"file": "local.pth"}} and len(tried) == 2
+
+
+def test_read_state_dict_of_a_training_checkpoint(tmp_path) -> None:
+    """`dinat validate`'s reader: a `dinat train` checkpoint gives its model weights, or with
+    use_ema its EMA weights (an error naming the file when it has none); DDP prefixes are dropped."""
+    from dinat.validate import read_state_dict
+
+    model, ema = {"module.w": torch.zeros(2)}, {"w": torch.ones(2)}
+    path = tmp_path / "last.pth"
+    torch.save({"model": model, "ema": ema, "optimizer": {"state": {}}, "epoch": 3}, path)
+    assert read_state_dict(path)["w"].sum() == 0 and read_state_dict(path, use_ema=True)["w"].sum() == 2
+    torch.save({"model": model, "ema": None, "epoch": 3}, path)
+    assert list(read_state_dict(path)) == ["w"]
+    with pytest.raises(CheckpointError, match=f"{path} has no EMA weights"):
+        read_state_dict(path, use_ema=True)

@@ -2,7 +2,8 @@
 
 * :func:`load_state_dict` reads ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors``
   and unwraps it (:func:`unwrap_state_dict`): a bare state_dict, a timm/EMA-style wrapper
-  (``state_dict_ema`` / ``model_ema`` preferred when ``use_ema``, then ``state_dict``, ``model``),
+  (``state_dict_ema`` / ``model_ema`` / ``ema`` preferred when ``use_ema``, then ``state_dict``,
+  ``model``),
   DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes.
 * :func:`load_checkpoint` loads one into a model strictly; a mismatch raises
   :class:`CheckpointMismatchError` listing missing, unexpected and wrong-shaped keys.
@@ -29,9 +30,13 @@ from torch import Tensor, nn
 from .ops import as_pair
 
 WRAPPER_KEYS = ("state_dict", "model")
-EMA_KEYS = ("state_dict_ema", "model_ema")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema")  # timm's, then `dinat train`'s
 PREFIXES = ("module.", "_orig_mod.")
 INDEX_SUFFIX = "relative_position_index"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that does not hold what is asked of it."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -64,12 +69,12 @@ def _is_state_dict(obj: Any) -> bool:
 def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, Tensor]:
     """The model state_dict inside ``obj`` (see the module doc), prefixes stripped."""
     if not isinstance(obj, Mapping):
-        raise TypeError(f"a checkpoint must be a dict, got {type(obj).__name__}")
+        raise CheckpointError(f"a checkpoint must be a dict, got {type(obj).__name__}")
     if not _is_state_dict(obj):
         keys = (EMA_KEYS if use_ema else ()) + WRAPPER_KEYS
         found = next((k for k in keys if isinstance(obj.get(k), Mapping)), None)
         if found is None:
-            raise ValueError(
+            raise CheckpointError(
                 "checkpoint is neither a state_dict nor a wrapper with one of "
                 f"{', '.join(EMA_KEYS + WRAPPER_KEYS)}; its top-level keys: {', '.join(map(str, obj))}"
             )
@@ -79,10 +84,6 @@ def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, Tensor]:
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
     return state_dict
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or that does not hold what is asked of it."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:

@@ -139,12 +139,14 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 # Ranges of the numeric settings (None where a setting may be None means: not set).
-_POSITIVE = "img_size epochs batch_size lr lr_base lr_base_size opt_eps recount log_interval num_classes crop_pct"
-_NON_NEGATIVE = (
-    "workers weight_decay clip_grad warmup_lr min_lr warmup_epochs cooldown_epochs mixup cutmix color_jitter "
-    "threads checkpoint_interval checkpoint_hist max_steps"
+_POSITIVE = set(
+    "img_size epochs batch_size lr lr_base lr_base_size opt_eps recount log_interval num_classes crop_pct".split()
 )
-_AT_MOST_ONE = "crop_pct drop_path smoothing mixup_prob mixup_switch_prob reprob hflip model_ema_decay"
+_AT_MOST_ONE = set("crop_pct drop_path smoothing mixup_prob mixup_switch_prob reprob hflip model_ema_decay".split())
+_NON_NEGATIVE = _AT_MOST_ONE | set(
+    "workers weight_decay clip_grad warmup_lr min_lr warmup_epochs cooldown_epochs mixup cutmix color_jitter "
+    "threads checkpoint_interval checkpoint_hist max_steps".split()
+)
 _RANGES = {"scale": (0.0, 1.0), "ratio": (0.0, None)}  # (low, high) of a range a, b: low < a <= b <= high
 
 
@@ -163,11 +165,11 @@ def _check_values(cfg: Config) -> None:
         whole = "int" in kind
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
             raise ConfigError(f"{f.name} must be {'an integer' if whole else 'a number'}, got {value!r}")
-        if f.name in _POSITIVE.split() and not value > 0:
+        if f.name in _POSITIVE and not value > 0:
             raise ConfigError(f"{f.name} must be > 0, got {value!r}")
-        if f.name in (_NON_NEGATIVE + " " + _AT_MOST_ONE).split() and not value >= 0:
+        if f.name in _NON_NEGATIVE and not value >= 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value!r}")
-        if f.name in _AT_MOST_ONE.split() and not value <= 1:
+        if f.name in _AT_MOST_ONE and not value <= 1:
             raise ConfigError(f"{f.name} must be <= 1, got {value!r}")
     for name, (low, high) in _RANGES.items():
         pair = getattr(cfg, name)

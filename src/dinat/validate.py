@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoints import CheckpointError, read_checkpoint
+from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
 from .config import ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
@@ -83,20 +83,17 @@ def create_model(name: str, num_classes: int | None, pretrained: bool = False, d
 
 
 def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Weights from a bare state_dict file or from a `dinat train` checkpoint (`model` / `ema`)."""
+    """Weights from a state_dict file or a checkpoint wrapping one (`dinat train`'s: `model`, `ema`);
+    with ``use_ema`` the EMA weights, which must be there."""
     obj = read_checkpoint(path)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        if use_ema and obj.get("ema") is None:
-            raise CheckpointError(f"{path} has no EMA weights")
-        return obj["ema"] if use_ema else obj["model"]
-    if isinstance(obj, dict) and "state_dict" in obj:
-        return obj["state_dict"]
-    return obj
+    if use_ema and not (isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in EMA_KEYS)):
+        raise CheckpointError(f"{path} has no EMA weights")
+    return unwrap_state_dict(obj, use_ema)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False) -> list[str]:
     """Load `path` into `model`; a classifier of another shape is left new (fine-tuning). Returns it."""
-    state = {k.removeprefix("module."): v for k, v in read_state_dict(path, use_ema).items()}
+    state = read_state_dict(path, use_ema)
     own = model.state_dict()
     new_head = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for k in new_head:

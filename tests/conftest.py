@@ -24,6 +24,22 @@ def cpu_backends() -> list[str]:
     return names
 
 
+def assert_half_close_to_float32(attend, q, k, v, rpb, dtype: torch.dtype) -> None:
+    """``attend(q, k, v, rpb)`` with q, k, v in float16/bfloat16 and rpb float32 (as under autocast)
+    against all-float32: the output and every gradient (of the output's squared sum) within 1e-2
+    of the float32 result's largest magnitude."""
+    results = {}
+    for run_dtype in (torch.float32, dtype):
+        leaves = [t.to(run_dtype).detach().requires_grad_() for t in (q, k, v)] + [rpb.detach().requires_grad_()]
+        out = attend(*leaves)
+        assert out.dtype == run_dtype
+        out.float().square().sum().backward()
+        results[run_dtype] = [out.float()] + [t.grad.float() for t in leaves]
+    for name, low, full in zip(("out", "q", "k", "v", "rpb"), results[dtype], results[torch.float32]):
+        scale = full.abs().max()
+        assert (low - full).abs().max() <= 1e-2 * scale, f"{name}: {(low - full).abs().max()} vs {scale}"
+
+
 @pytest.fixture(scope="session")
 def golden_models() -> dict:
     return torch.load(DATA / "models.pt")

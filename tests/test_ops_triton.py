@@ -20,6 +20,7 @@ from _triton_utils import (
     needs_kernels,
     run_interpreted,
 )
+from conftest import assert_half_close_to_float32
 from dinat.layers import NeighborhoodAttention2D
 from dinat.ops import current_backend, na2d, reference, triton_na, use_backend
 
@@ -198,17 +199,11 @@ def test_half_precision_close_to_float32(dtype) -> None:
     """float16/bfloat16 q, k, v with a float32 rpb (as under autocast): within 1e-2 of float32."""
     shape, kernel, dilation = (1, 16, 15, 1, 32), (7, 7), (2, 2)
     qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
-    results = {}
-    for run_dtype in (torch.float32, dtype):
-        x = qkv.to(DEVICE, run_dtype).detach().requires_grad_()
-        bias = rpb.to(DEVICE).detach().requires_grad_()
-        out = _fused(*x.unbind(3), kernel, dilation, bias, None, "triton")
-        assert out.dtype == run_dtype
-        out.float().square().sum().backward()
-        results[run_dtype] = (out.float(), x.grad.float(), bias.grad)
-    for name, low, full in zip(("out", "grad_qkv", "grad_rpb"), results[dtype], results[torch.float32]):
-        scale = full.abs().max()
-        assert (low - full).abs().max() <= 1e-2 * scale, f"{name}: {(low - full).abs().max()} vs {scale}"
+
+    def attend(q, k, v, rpb):
+        return _fused(q, k, v, kernel, dilation, rpb, None, "triton")
+
+    assert_half_close_to_float32(attend, *qkv.to(DEVICE).unbind(3), rpb.to(DEVICE), dtype)
 
 
 @needs_kernels

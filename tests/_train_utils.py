@@ -15,10 +15,12 @@ import dinat  # noqa: F401  (registers the models)
 # dinat_nano is the demo model (registered by the models package)
 MODEL = "dinat_nano"
 
-# a few seconds of real training on 32 px images; one thread each (tests run two at a time on 2 cores)
+# a few seconds of real training on 32 px images; one thread each (tests run two at a time on 2 cores);
+# on the CPU on every machine, so that exact comparisons (resume, 1 vs 2 gloo processes) hold on GPU
+# machines too
 TINY = (
     f"--model {MODEL} --img-size 32 --crop-pct 1.0 --batch-size 4 --workers 0 --threads 1 "
-    "--warmup-epochs 0 --cooldown-epochs 0 --no-amp --lr 2e-3 --log-interval 1"
+    "--warmup-epochs 0 --cooldown-epochs 0 --no-amp --lr 2e-3 --log-interval 1 --device cpu"
 ).split()
 
 

@@ -55,6 +55,8 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
             "8",
             "--workers",
             "0",
+            "--device",
+            "cpu",
             "--results-file",
             str(results_file),
         ]
@@ -74,7 +76,7 @@ def test_attention_backend_option(trained, tmp_path, monkeypatch, capsys):
     calls = []
     real = reference.na2d
     monkeypatch.setattr(reference, "na2d", lambda *args: calls.append(1) or real(*args))
-    common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0"]
+    common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
     args = ["--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common, "--attention", "reference"]
     results = validate.main(args)
     assert calls and results["top1"] == pytest.approx(summary["val_top1"])
@@ -247,6 +249,6 @@ def test_compile_flag_compiles_the_model(trained, tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(type(model).__name__) or model)
     train.main([str(root), *TINY, "--max-steps", "1", "--output", str(tmp_path), "--compile"])
-    common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0"]
+    common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
     validate.main(["--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common, "--compile"])
     assert len(compiled) == 2, compiled  # once in train, once in validate

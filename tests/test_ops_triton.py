@@ -361,3 +361,14 @@ def test_random_cases_match_reference(tile_configs, seed) -> None:
     torch.testing.assert_close(out.cpu().double(), expected.detach(), rtol=1e-5, atol=1e-5, msg=case)
     for name, g, e in zip(("qkv", "rpb"), got, torch.autograd.grad(expected, leaves64, grad_out)):
         torch.testing.assert_close(g.cpu().double(), e, rtol=1e-5, atol=1e-4, msg=f"grad {name}: {case}")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton installed")
+def test_triton_without_gather_is_reported(monkeypatch) -> None:
+    """A Triton too old for the kernels (no tl.gather, before 3.2) makes the backend unavailable with
+    the reason, so 'auto' falls back to flex instead of failing to compile."""
+    import triton.language
+
+    monkeypatch.delattr(triton.language, "gather")
+    reason, _ = triton_na._probe_triton()
+    assert "has no tl.gather (needs Triton >= 3.2)" in reason

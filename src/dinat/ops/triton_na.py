@@ -44,10 +44,14 @@ def _probe_triton() -> tuple[str, bool]:
     constant under torch.compile. The interpreter is chosen by TRITON_INTERPRET=1 before the import."""
     try:
         import triton
+        import triton.language as tl
     except ImportError as error:
         return f"Triton is not installed ({error})", False
     knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable directly
-    return "", bool(knobs.runtime.interpret) if knobs else os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = bool(knobs.runtime.interpret) if knobs else os.environ.get("TRITON_INTERPRET") == "1"
+    if not hasattr(tl, "gather"):  # the rpb gradient's gather (torch >= 2.6 brings a Triton that has it)
+        return f"Triton {triton.__version__} has no tl.gather (needs Triton >= 3.2)", interpreting
+    return "", interpreting
 
 
 _TRITON_PROBLEM, _INTERPRETING = _probe_triton()
@@ -152,7 +156,7 @@ def _autotuned_kernel(name: str, configs: tuple[Pair, ...]):
         [triton.Config({tuned: tile}, num_warps=warps) for tile, warps in configs],
         key=_AUTOTUNE_KEY,
         reset_to_zero=["DRPB"] if name == "query" else None,  # the slots a tile leaves unwritten are summed
-        do_bench=_wall_clock if _INTERPRETING else None,
+        **({"do_bench": _wall_clock} if _INTERPRETING else {}),  # older Triton has no do_bench argument
     )(kernel)
 
 

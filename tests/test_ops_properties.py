@@ -189,3 +189,33 @@ def test_double_backward_of_the_fused_op() -> None:
     tokens_first = [t.detach().permute(0, 2, 3, 1, 4).requires_grad_() for t in (q, k, v)]
     with use_backend("cpu"):
         assert torch.autograd.gradgradcheck(lambda q, k, v, r: na2d(q, k, v, (3, 5), (2, 1), r), [*tokens_first, rpb])
+
+
+def _opcheck_cases() -> list:
+    """Each C-kernel custom op with float64 arguments (kernel 3x5, dilation 2x1, 9x10 map)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    kernel, dilation = [3, 5], [2, 1]
+    a, b, c = rand(4, 8, 9, 10), rand(4, 8, 9, 10), rand(4, 8, 9, 10)
+    weights, rpb = rand(4, 9, 15, 10), rand(2, 5, 9)
+    probabilities = weights.detach().softmax(2)
+    cases = {
+        "na_dot": (a, b, kernel, dilation),
+        "na_weighted_sum": (weights, b, kernel, dilation),
+        "na_scatter": (weights, a, kernel, dilation),
+        "na2d_fused": (a, b, c, rpb, 2, 0.3, kernel, dilation),
+        "na2d_fused-no-rpb": (a, b, c, None, 2, 0.3, kernel, dilation),
+        "na_bias_grad": (weights.detach(), 2, kernel, dilation),
+        "na_softmax_backward": (a.detach(), b.detach(), probabilities, kernel, dilation),
+    }
+    return [pytest.param(case.split("-")[0], args, id=case) for case, args in cases.items()]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_cases())
+def test_custom_ops_pass_opcheck(name: str, args: tuple) -> None:
+    """torch.library.opcheck: schema, autograd registration, and fake implementations that match the
+    real outputs' shapes, dtypes and strides (what torch.compile relies on)."""
+    torch.library.opcheck(getattr(torch.ops.dinat, name), args)

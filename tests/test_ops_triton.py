@@ -258,7 +258,8 @@ def test_double_backward() -> None:
 
 @needs_kernels
 def test_compiles_without_graph_breaks() -> None:
-    """The op is an opaque custom op to torch.compile: fullgraph forward and backward."""
+    """The op is an opaque custom op to torch.compile: fullgraph forward and backward, through
+    inductor, which checks each output's strides against the op's fake implementation."""
     shape, kernel, dilation = (1, 8, 8, 1, 16), (3, 3), (2, 2)
     qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
     x = qkv.to(DEVICE).requires_grad_()
@@ -269,13 +270,30 @@ def test_compiles_without_graph_breaks() -> None:
             return na2d(*x.unbind(3), kernel, dilation, bias)
 
     expected = attend(x, bias)
-    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(attend, fullgraph=True)
     out = compiled(x, bias)
     torch.testing.assert_close(out, expected)
     grads = torch.autograd.grad(out.sum(), (x, bias))
     expected_grads = torch.autograd.grad(expected.sum(), (x, bias))
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,with_rpb", [(torch.float16, True), (torch.float32, False)], ids=["f16-rpb", "f32"])
+def test_custom_ops_pass_opcheck(dtype, with_rpb) -> None:
+    """torch.library.opcheck on the forward and backward ops: schema, autograd registration, and
+    fake implementations that match the real outputs' shapes, dtypes and strides (what torch.compile
+    relies on); q, k, v as strided slices of qkv, a float32 rpb with half-precision q."""
+    shape, kernel, dilation = (1, 9, 10, 2, 8), [3, 5], [2, 1]
+    qkv, rpb = _inputs(tuple(shape), kernel, with_rpb, dtype=torch.float32)
+    q, k, v = qkv.to(DEVICE, dtype).requires_grad_().unbind(3)
+    bias = None if rpb is None else rpb.to(DEVICE).requires_grad_()
+    torch.library.opcheck(torch.ops.dinat.na2d_triton, (q, k, v, bias, kernel, dilation, 0.3))
+    out, lse = torch.ops.dinat.na2d_triton(q, k, v, bias, kernel, dilation, 0.3)
+    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
+    backward_args = (torch.randn_like(out), q, k, v, None if bias is None else bias.detach(), out, lse)
+    torch.library.opcheck(torch.ops.dinat.na2d_triton_backward, (*backward_args, kernel, dilation, 0.3))
 
 
 def test_unavailable_is_a_clear_error() -> None:

@@ -75,3 +75,16 @@ def test_unfused_half_precision_close_to_float32(dtype) -> None:
 
     for name, low, full in zip(("logits", "out", "q", "k", "v", "rpb"), run(dtype), run(torch.float32)):
         assert (low - full).abs().max() <= 1e-2 * full.abs().max(), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["na_dot_triton", "na_weighted_sum_triton", "na_scatter_triton"])
+def test_primitives_pass_opcheck(name: str) -> None:
+    """torch.library.opcheck: schema, autograd registration, fake implementations matching the real
+    outputs (shapes, dtypes, strides: what torch.compile relies on), on non-contiguous inputs."""
+    kernel, dilation = [3, 5], [2, 1]
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 9, 10, 16, generator=gen).to(DEVICE)[..., ::2].requires_grad_()
+    weights = torch.randn(2, 9, 10, 15, generator=gen).to(DEVICE).requires_grad_()
+    first = features.detach().clone().requires_grad_() if name == "na_dot_triton" else weights
+    torch.library.opcheck(getattr(torch.ops.dinat, name), (first, features, kernel, dilation))

@@ -331,7 +331,8 @@ def na2d_triton_backward(
     per_row = partial.sum((0, 3), dtype=torch.float64)
     rows = _bias_rows(height, kernel[0], dilation[0], q.device)
     grad_rpb = torch.einsum("nxc,xr->nrc", per_row.reshape(heads, -1, bias_cols), rows)
-    return grad_q, grad_k, grad_v, grad_rpb.to(rpb.dtype)
+    # contiguous, as the fake says: compiled graphs read it with the fake's strides
+    return grad_q, grad_k, grad_v, grad_rpb.to(rpb.dtype).contiguous()
 
 
 @na2d_triton_backward.register_fake

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -68,3 +70,21 @@ def test_half_precision_close_to_float32(device, dtype) -> None:
         return grouped.attention(q, k, v, kernel, dilation, rpb, 32**-0.5, sdpa=True)
 
     assert_half_close_to_float32(attend, q, k, v, rpb, dtype)
+
+
+def test_compiles_cleanly() -> None:
+    """torch.compile(fullgraph=True) traces the path, with rpb, without a warning (dynamo warns
+    about lru_cache-wrapped calls) and gives the eager result."""
+    shape, kernel, dilation = WHOLE[1]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    rpb = torch.randn(shape[3], 2 * kernel[0] - 1, 2 * kernel[1] - 1, generator=gen)
+
+    def attend(q, k, v, rpb):
+        return grouped.attention(q, k, v, kernel, dilation, rpb, 0.4)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, rpb)
+    torch.testing.assert_close(out, attend(q, k, v, rpb))

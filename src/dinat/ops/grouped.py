@@ -59,7 +59,9 @@ def attention(
 
     bias = None
     if rpb is not None:
-        rows, cols = _bias_index(kernel, rpb.device)
+        # inside a torch.compile trace the index is built in the graph (dynamo warns on lru_cache)
+        index = _bias_index.__wrapped__ if torch.compiler.is_compiling() else _bias_index
+        rows, cols = index(kernel, rpb.device)
         bias = rpb[:, rows, cols]  # (heads, kh*kw, kh*kw)
     qg, kg, vg = to_groups(q), to_groups(k), to_groups(v)
     if sdpa:

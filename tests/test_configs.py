@@ -142,10 +142,35 @@ def test_unknown_key_is_a_clear_error_with_suggestions(tmp_path):
 def test_unknown_model_is_a_clear_error_with_suggestions():
     with pytest.raises(ConfigError, match=r"unknown model 'dinat_minni'.*'dinat_mini'"):
         make_config({"model": "dinat_minni"})
-    with pytest.raises(ConfigError, match="unknown scheduler 'cosin'.*'cosine'"):
-        make_config({"sched": "cosin"})
-    with pytest.raises(ConfigError, match="unknown attention backend 'trition'.*'triton'"):
-        make_config({"attention": "trition"})
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("sched", "cosin", r"sched: unknown value 'cosin'.*'cosine'"),
+        ("attention", "trition", r"attention: unknown value 'trition'.*'triton'"),
+        ("amp_dtype", "float8", r"amp_dtype: unknown value 'float8'.*'float16'"),
+        ("interpolation", "bicubix", r"interpolation: unknown value 'bicubix'.*'bicubic'"),
+        ("train_interpolation", "foo", r"train_interpolation: unknown value 'foo' \(one of .*'random'\)"),
+        ("mixup_mode", "element", r"mixup_mode: unknown value 'element'.*'elem'"),  # timm: silently 'batch'
+        ("remode", "pixels", r"remode: unknown value 'pixels'.*'pixel'"),
+        ("eval_metric", "top-1", r"eval_metric: unknown value 'top-1'.*'top1'"),  # was a KeyError after epoch 1
+        ("opt", "adamx", r"opt: unknown timm optimizer 'adamx'.*'adamax'"),
+        ("opt", "slow_adamw", r"opt: unknown timm optimizer 'slow_adamw'"),
+        ("aa", "rand-q9", r"aa 'rand-q9' is not a timm auto-augment policy"),
+        ("aa", "autoaugment", r"aa 'autoaugment' is not a timm auto-augment policy"),
+    ],
+)
+def test_unknown_names_are_clear_errors_with_suggestions(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config({key: value}, check_model=False)
+
+
+@pytest.mark.parametrize(
+    "key,value", [("opt", "lookahead_adamw"), ("opt", "SGD"), ("aa", "augmix-m5-w4-d2"), ("aa", "v0")]
+)
+def test_timm_names_are_accepted(key, value):
+    assert getattr(make_config({key: value}, check_model=False), key) == value
 
 
 @pytest.mark.parametrize(

@@ -139,3 +139,25 @@ def test_validate_without_split_folders(tmp_path):
     write_pngs(tmp_path, per_class=2, splits=("flat",))
     ds, classes = build_eval_dataset(folder_config(tmp_path / "flat"))
     assert (len(ds), classes) == (4, 2)
+
+
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "augmix-m5-w4-d2", "original", "v0"])
+def test_every_augmentation_runs_at_every_magnitude(aa):
+    """Each op of the recipe's RandAugment (and timm's other policies) at magnitudes 0 and 10 on an
+    RGB image (the loaders convert every image to RGB): Pillow 13 refuses the 0-bit posterize that
+    timm asks for at magnitude 10; it gives a black image, as the original's Pillow did."""
+    from dinat.data import _augment_ops, train_transform
+
+    ops = _augment_ops(train_transform(make_config({"aa": aa, "img_size": 32}, check_model=False)))
+    assert ops
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    for op in ops:
+        op.prob, op.magnitude_std = 1.0, 0
+        for op.magnitude in (0, 10):
+            out = op(image)
+            assert out.size == image.size and out.mode == image.mode, (op.name, op.magnitude)
+    posterize = next(op for op in ops if "Posterize" in op.name)
+    if posterize.name == "PosterizeIncreasing":
+        posterize.magnitude = 10
+        assert not np.asarray(posterize(image)).any()

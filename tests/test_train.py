@@ -252,3 +252,21 @@ def test_compile_flag_compiles_the_model(trained, tmp_path, monkeypatch):
     common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
     validate.main(["--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common, "--compile"])
     assert len(compiled) == 2, compiled  # once in train, once in validate
+
+
+@pytest.mark.parametrize("eval_metric", ["top1", "loss"])
+def test_best_checkpoints_by_eval_metric(tmp_path, eval_metric):
+    """checkpoint-E.pth for the best `hist` epochs and model_best.pth for the best one: the highest
+    top-1, or the lowest loss."""
+    rows = [
+        {"val_top1": 60.0, "val_loss": 0.9},
+        {"val_top1": 80.0, "val_loss": 0.5},
+        {"val_top1": 70.0, "val_loss": 0.7},
+    ]
+    best = []
+    for epoch, row in enumerate(rows, start=1):
+        (tmp_path / "new.pth").write_text(f"epoch {epoch}")
+        (tmp_path / "new.pth").replace(tmp_path / "last.pth")  # a new file each epoch, as save_atomic writes
+        best = train.keep_best(tmp_path, best, train.checkpoint_score(row, eval_metric), epoch, hist=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == ["checkpoint-2.pth", "checkpoint-3.pth"]
+    assert (tmp_path / "model_best.pth").read_text() == "epoch 2"

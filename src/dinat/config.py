@@ -102,7 +102,19 @@ class Config:
 
 
 CONFIG_KEYS = [f.name for f in fields(Config)]
-SCHEDULERS = ("cosine", "linear", "constant")
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
+# The settings that take one of a few names (timm accepts some wrong ones silently, or fails late).
+CHOICES = {
+    "sched": ("cosine", "linear", "constant"),
+    "attention": BACKENDS,
+    "amp_dtype": AMP_DTYPES,
+    "interpolation": INTERPOLATIONS,
+    "train_interpolation": (*INTERPOLATIONS, "random"),
+    "mixup_mode": ("batch", "pair", "elem"),
+    "remode": ("const", "rand", "pixel"),
+    "eval_metric": ("top1", "top5", "loss"),
+}
 
 
 class ConfigError(ValueError):
@@ -186,16 +198,40 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"std must be > 0, got {cfg.std!r}")
 
 
+def _check_optimizer(opt: str) -> None:
+    """timm's optimizer names, optionally behind 'lookahead_' (as create_optimizer_v2 parses them)."""
+    from timm.optim import list_optimizers
+
+    parts = opt.lower().split("_")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "lookahead") or parts[-1] not in list_optimizers():
+        raise ConfigError("opt: " + _suggest(opt, list_optimizers(), "timm optimizer"))
+
+
+def _check_auto_augment(aa: str) -> None:
+    """timm's auto-augment strings ('' or 'none': off), parsed as the training transform will."""
+    if aa in ("", "none"):
+        return
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=aa)
+    except (AssertionError, ValueError, KeyError) as error:  # timm asserts on what it cannot parse
+        raise ConfigError(
+            f"aa {aa!r} is not a timm auto-augment policy ({error}); e.g. 'rand-m9-mstd0.5-inc1', 'v0', 'augmix-m5'"
+        ) from None
+
+
 def validate(cfg: Config, check_model: bool = True) -> Config:
     _check_values(cfg)
     for name in ("resume", "initial_checkpoint"):
         path = getattr(cfg, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"{name}: no checkpoint file at {path}")
-    if cfg.sched not in SCHEDULERS:
-        raise ConfigError(_suggest(cfg.sched, SCHEDULERS, "scheduler"))
-    if cfg.attention not in BACKENDS:
-        raise ConfigError(_suggest(cfg.attention, BACKENDS, "attention backend"))
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name}: " + _suggest(getattr(cfg, name), choices, "value") + f" (one of {choices})")
+    _check_optimizer(cfg.opt)
+    _check_auto_augment(cfg.aa)
     if check_model:
         check_model_name(cfg.model)
     return cfg

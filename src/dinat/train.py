@@ -132,13 +132,20 @@ def write_history(history: list[dict], out: Path) -> None:
     os.replace(out / ".metrics.tmp.png", out / "metrics.png")
 
 
-def keep_best(out: Path, best: list[tuple[float, int]], metric: float, epoch: int, hist: int) -> list:
-    """Link last.pth as checkpoint-EPOCH.pth if among the `hist` best; model_best.pth = the best."""
-    best = sorted([*best, (metric, epoch)], key=lambda t: (-t[0], t[1]))
+def checkpoint_score(row: dict, eval_metric: str) -> float:
+    """How good an epoch's checkpoint is by ``eval_metric`` (the higher the better: loss is negated)."""
+    value = row[f"val_{eval_metric}"]
+    return -value if eval_metric == "loss" else value
+
+
+def keep_best(out: Path, best: list[tuple[float, int]], score: float, epoch: int, hist: int) -> list:
+    """Link last.pth as checkpoint-EPOCH.pth if among the `hist` highest scores; model_best.pth =
+    the highest."""
+    best = sorted([*best, (score, epoch)], key=lambda t: (-t[0], t[1]))
     for _, old in best[hist:]:
         (out / f"checkpoint-{old}.pth").unlink(missing_ok=True)
     best = best[:hist]
-    if (metric, epoch) in best:
+    if (score, epoch) in best:
         for name in (f"checkpoint-{epoch}.pth", "model_best.pth" if best[0][1] == epoch else None):
             if name:
                 tmp = out / f".{name}.tmp"
@@ -421,7 +428,7 @@ def _train(cfg: Config) -> dict:
             scheduler.step(epoch + 1)
         save(epoch + 1, 0, (0.0, 0))
         if main_process:
-            best = keep_best(out, best, row[f"val_{cfg.eval_metric}"], epoch + 1, cfg.checkpoint_hist)
+            best = keep_best(out, best, checkpoint_score(row, cfg.eval_metric), epoch + 1, cfg.checkpoint_hist)
             write_history(history, out)
         log(
             f"epoch {epoch + 1}/{num_epochs}  train loss {row['train_loss']:.4f}  "

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
-from .config import ConfigError, check_model_name, make_config
+from .config import AMP_DTYPES, INTERPOLATIONS, ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
 
@@ -60,8 +60,8 @@ def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
     it, else float16); float16 comes with a GradScaler on CUDA."""
     if not enabled:
         return contextlib.nullcontext, None
-    if amp_dtype not in ("auto", "float16", "bfloat16"):
-        raise ConfigError(f"amp_dtype must be auto, float16 or bfloat16, not {amp_dtype!r}")
+    if amp_dtype not in AMP_DTYPES:
+        raise ConfigError(f"amp_dtype must be one of {AMP_DTYPES}, not {amp_dtype!r}")
     if amp_dtype == "auto":
         bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
         amp_dtype = "bfloat16" if bf16 else "float16"
@@ -169,11 +169,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--interpolation", default="bicubic")
+    p.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--amp-dtype", default="auto")
+    p.add_argument("--amp-dtype", default="auto", choices=AMP_DTYPES)
     p.add_argument("--device", default="auto")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -183,3 +183,20 @@ def test_read_state_dict_of_a_training_checkpoint(tmp_path) -> None:
     assert list(read_state_dict(path)) == ["w"]
     with pytest.raises(CheckpointError, match=f"{path} has no EMA weights"):
         read_state_dict(path, use_ema=True)
+
+
+@pytest.mark.parametrize("model", ["dinat_mini", "dinat_s_tiny"], ids=["one-url", "fallback-urls"])
+def test_failed_download_is_a_clear_error(monkeypatch, capsys, model) -> None:
+    """Offline (or a moved file): the error names the model and every URL tried, and the way out;
+    the command exits with 2, no traceback."""
+    from dinat.cli import main
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr("timm.models._hub.download_cached_file", offline)
+    monkeypatch.setattr("timm.models._builder.load_state_dict_from_url", offline)
+    assert main(["validate", "--model", model, "--pretrained", "--dataset", "digits", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"could not download the weights of {model}" in err and f"{model}_in1k_224.pth" in err
+    assert "Name or service not known" in err and "--checkpoint" in err and "Traceback" not in err

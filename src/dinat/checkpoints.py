@@ -234,6 +234,9 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+DOWNLOAD_HINT = "\ndownload the file and pass it with --checkpoint (validate) or --initial-checkpoint (train)"
+
+
 def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
     """For weights with fallback URLs (:data:`dinat.models._common.ALT_URLS`), download the first
     URL that exists and point ``kwargs['pretrained_cfg_overlay']`` at the cached file. Does nothing
@@ -257,4 +260,4 @@ def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
             continue
         kwargs["pretrained_cfg_overlay"] = dict(overlay, file=path)
         return
-    raise RuntimeError(f"could not download the weights of {variant}:\n  " + "\n  ".join(errors))
+    raise CheckpointError(f"could not download the weights of {variant}:\n  " + "\n  ".join(errors) + DOWNLOAD_HINT)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
+from .checkpoints import DOWNLOAD_HINT, EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
 from .config import AMP_DTYPES, INTERPOLATIONS, ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
@@ -79,7 +79,13 @@ def create_model(name: str, num_classes: int | None, pretrained: bool = False, d
         kwargs["num_classes"] = num_classes
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
-    return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, **kwargs)
+    except OSError as error:  # urllib's URLError / HTTPError: offline, or the file moved
+        if not pretrained:
+            raise
+        url = timm.models.get_pretrained_cfg_value(name, "url")
+        raise CheckpointError(f"could not download the weights of {name} from {url}: {error}{DOWNLOAD_HINT}") from None
 
 
 def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:

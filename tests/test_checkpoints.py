@@ -4,6 +4,8 @@ downloaded: every file is written by the test."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import urllib.error
 
 import pytest
@@ -109,9 +111,30 @@ def test_bad_files(tmp_path) -> None:
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:300])
     (tmp_path / "x.safetensors").write_bytes(b"not a checkpoint")
-    for bad in (truncated, tmp_path / "x.safetensors"):
-        with pytest.raises(CheckpointError, match=f"{bad} is not a readable checkpoint"):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for bad in (truncated, tmp_path / "notes.pth"):
+        with pytest.raises(CheckpointError, match=f"{bad} is not a readable checkpoint: neither a zip archive nor a"):
             load_state_dict(bad)
+    with pytest.raises(CheckpointError, match="x.safetensors is not a readable checkpoint: SafetensorError"):
+        load_state_dict(tmp_path / "x.safetensors")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "when": datetime.date(2022, 9, 29)}, tmp_path / "objects.pth")
+    with pytest.raises(CheckpointError, match="objects.pth is not a readable checkpoint: it holds a datetime.date"):
+        load_state_dict(tmp_path / "objects.pth")
+
+
+def test_checkpoint_of_timm_train_script(tmp_path) -> None:
+    """timm's train.py (the original's) saves its argparse arguments with the weights: loadable
+    weights only, EMA weights preferred."""
+    checkpoint = {
+        "epoch": 299,
+        "arch": "dinat_mini",
+        "state_dict": {"module.w": torch.zeros(2)},
+        "state_dict_ema": {"w": torch.ones(2)},
+        "args": argparse.Namespace(model="dinat_mini", lr=1e-3, aa="rand-m9-mstd0.5-inc1"),
+    }
+    torch.save(checkpoint, tmp_path / "model_best.pth.tar")
+    assert load_state_dict(tmp_path / "model_best.pth.tar")["w"].sum() == 2
+    assert load_state_dict(tmp_path / "model_best.pth.tar", use_ema=False)["w"].sum() == 0
 
 
 def test_resize_rpb() -> None:

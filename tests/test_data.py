@@ -119,6 +119,21 @@ def test_cli_reports_data_errors(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "missing"), "--model", MODEL]) == 2
     assert "data directory not found" in capsys.readouterr().err
+    write_pngs(tmp_path, per_class=2)
+    assert main(["train", str(tmp_path), *TINY, "--batch-size", "5"]) == 2
+    assert "4 training images are fewer than one batch (5 x 1 processes); lower --batch-size" in capsys.readouterr().err
+
+
+def test_a_split_asked_for_must_exist(tmp_path):
+    """--split names a folder (or a digits split) that must be there: no silent fallback."""
+    write_pngs(tmp_path, per_class=2)
+    with pytest.raises(DataError, match="has no test/ folder"):
+        build_eval_dataset(folder_config(tmp_path, val_split="test"))
+    with pytest.raises(DataError, match="digits split must be 'train' or 'val', not 'test'"):
+        build_eval_dataset(make_config({"dataset": "digits", "val_split": "test"}, check_model=False))
+    with pytest.raises(DataError, match="digits split must be 'train' or 'val', not 'training'"):
+        build_datasets(make_config({"dataset": "digits", "train_split": "training"}, check_model=False))
+    assert len(build_eval_dataset(folder_config(tmp_path, val_split="train"))[0]) == 4
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):

@@ -17,8 +17,12 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import re
 import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,9 @@ from .ops import as_pair
 WRAPPER_KEYS = ("state_dict", "model")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")  # timm's, then `dinat train`'s
 PREFIXES = ("module.", "_orig_mod.")
+# Plain-value classes a weights-only load may rebuild: the `args` of checkpoints written by timm's
+# train.py (the original's training script).
+SAFE_GLOBALS = [argparse.Namespace]
 INDEX_SUFFIX = "relative_position_index"
 
 
@@ -98,9 +105,27 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        with safe_globals(SAFE_GLOBALS) if safe_globals else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds (pickle, zip, EOF, RuntimeError)
-        raise CheckpointError(f"{path} is not a readable checkpoint: {type(error).__name__}: {error}") from error
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_load_failure(path, error)}") from error
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """Why torch.load failed on ``path``, in one line."""
+    with open(path, "rb") as f:
+        is_pickle = f.read(1) == b"\x80"  # a pickle's protocol opcode: torch's format before 1.6
+    if path.suffix != ".safetensors" and not (zipfile.is_zipfile(path) or is_pickle):
+        return "neither a zip archive nor a pickle (another kind of file, or a truncated one)"
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if unsupported:
+        return (
+            f"it holds a {unsupported.group(1)} object, which a weights-only load does not build; "
+            "save its state_dict alone (torch.load(..., weights_only=False) runs the file's code: "
+            "only for files you trust)"
+        )
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
 
 
 def load_state_dict(path: str | os.PathLike, use_ema: bool = True) -> dict[str, Tensor]:

@@ -211,7 +211,7 @@ def _train(cfg: Config) -> dict:
     sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
     steps_per_epoch = sampler.num_samples // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{len(train_set)} training images are fewer than one batch "
             f"({cfg.batch_size} x {world} processes); lower --batch-size"
         )

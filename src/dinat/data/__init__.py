@@ -153,7 +153,7 @@ def _folder_splits(cfg):
 def build_datasets(cfg):
     """(train set, val set, number of classes), transforms applied, train samples seeded."""
     if cfg.dataset == "digits":
-        train, val, num_classes = Digits("train"), Digits("val"), 10
+        train, val, num_classes = Digits(cfg.train_split), Digits(cfg.val_split or "val"), 10
     elif cfg.dataset in ("", "folder"):
         if not cfg.data_dir:
             raise DataError("no data: give DATA_DIR (with train/ and val/ folders) or --dataset digits")
@@ -172,13 +172,15 @@ def build_datasets(cfg):
 def build_eval_dataset(cfg):
     """The validation set alone (for `dinat validate`): DATA_DIR/val, DATA_DIR/validation or DATA_DIR."""
     if cfg.dataset == "digits":
-        return Transformed(Digits("val"), eval_transform(cfg)), 10
+        return Transformed(Digits(cfg.val_split or "val"), eval_transform(cfg)), 10
     if cfg.dataset not in ("", "folder"):
         ds = _timm_dataset(cfg, cfg.val_split or "validation", False)
         return Transformed(ds, eval_transform(cfg)), _num_classes(ds)
     root = Path(cfg.data_dir)
-    names = (cfg.val_split,) if cfg.val_split else VAL_NAMES
-    folder = next((root / n for n in names if (root / n).is_dir()), root)
+    if cfg.val_split:  # asked for: it must be there
+        folder = find_split(root, (cfg.val_split,))
+    else:  # val/, validation/, or the class folders themselves
+        folder = next((root / n for n in VAL_NAMES if (root / n).is_dir()), root)
     ds = ImageFolder(folder, skip_bad_images=cfg.skip_bad_images)
     return Transformed(ds, eval_transform(cfg)), len(ds.classes)
 

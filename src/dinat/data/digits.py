@@ -6,6 +6,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .folder import DataError
+
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -23,7 +25,7 @@ class Digits(Dataset):
         from sklearn.model_selection import train_test_split
 
         if split not in ("train", "val"):
-            raise ValueError(f"digits split must be 'train' or 'val', not {split!r}")
+            raise DataError(f"digits split must be 'train' or 'val', not {split!r}")
         data = load_digits()
         pixels = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
         idx_train, idx_val = train_test_split(

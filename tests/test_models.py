@@ -198,6 +198,9 @@ def test_bad_arguments() -> None:
         timm.create_model("dinat_nano", dilations=((1, 2, 1),) * 4)
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("dinat_nano", global_pool="max")
+    for name in ("dinat_nano", "vitrpb_small"):
+        with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\], got 1.5"):
+            timm.create_model(name, drop_path_rate=1.5)
     with pytest.raises(ValueError, match="kernel_size"):
         timm.create_model("dinat_nano", kernel_size=4)
 

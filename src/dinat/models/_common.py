@@ -32,6 +32,8 @@ def repeat_pattern(pattern: Sequence[int], depth: int) -> list[int]:
 
 def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
     """Stochastic depth per block, linspace(0, rate, total blocks), split per stage."""
+    if not 0.0 <= drop_path_rate <= 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1], got {drop_path_rate!r}")
     rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
     out, start = [], 0
     for depth in depths:

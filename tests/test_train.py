@@ -270,3 +270,19 @@ def test_best_checkpoints_by_eval_metric(tmp_path, eval_metric):
         best = train.keep_best(tmp_path, best, train.checkpoint_score(row, eval_metric), epoch, hist=2)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == ["checkpoint-2.pth", "checkpoint-3.pth"]
     assert (tmp_path / "model_best.pth").read_text() == "epoch 2"
+
+
+def test_resume_from_the_wrong_file_is_a_clear_error(trained, tmp_path, capsys):
+    """--resume takes a `dinat train` checkpoint of the same model; other files are named and explained."""
+    root, out, _ = trained
+    weights = tmp_path / "weights.pth"
+    torch.save(torch.load(out / "last.pth")["model"], weights)
+    common = [str(root), *TINY, "--output", str(tmp_path / "run")]
+    cases = [
+        (["--model", "nat_mini", "--resume", str(out / "last.pth")], f"is a checkpoint of {MODEL}, not nat_mini"),
+        (["--resume", str(weights)], "is not a `dinat train` checkpoint (it has no model, optimizer,"),
+        (["--resume", str(out / "last.pth"), "--num-classes", "5"], "does not fit the model"),
+    ]
+    for extra, message in cases:
+        assert cli_main(["train", *common, *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -32,7 +32,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 from tqdm import tqdm
 
-from .checkpoints import read_checkpoint
+from .checkpoints import CheckpointError, read_checkpoint
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
 from .config import Config, ConfigError, add_config_arguments, as_dict, config_from_args
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
@@ -130,6 +130,25 @@ def write_history(history: list[dict], out: Path) -> None:
     fig.savefig(out / ".metrics.tmp.png", dpi=100)
     plt.close(fig)
     os.replace(out / ".metrics.tmp.png", out / "metrics.png")
+
+
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "epoch", "batch", "step", "history", "best", "partial", "rng")
+
+
+def read_training_checkpoint(path: str, model_name: str) -> dict:
+    """A `dinat train` checkpoint of ``model_name`` to resume from; anything else is a CheckpointError
+    saying what it is."""
+    ckpt = read_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a `dinat train` checkpoint (it has no {', '.join(missing)}); "
+            "to start from its weights, use --initial-checkpoint"
+        )
+    trained = ckpt.get("config", {}).get("model")
+    if trained and trained != model_name:
+        raise CheckpointError(f"{path} is a checkpoint of {trained}, not {model_name}: resume with --model {trained}")
+    return ckpt
 
 
 def checkpoint_score(row: dict, eval_metric: str) -> float:
@@ -281,8 +300,11 @@ def _train(cfg: Config) -> dict:
     start_epoch, start_batch, step, history, best, partial = 0, 0, 0, [], [], (0.0, 0)
     rng_to_restore = None
     if cfg.resume:
-        ckpt = read_checkpoint(cfg.resume)
-        bare.load_state_dict(ckpt["model"])
+        ckpt = read_training_checkpoint(cfg.resume, cfg.model)
+        try:
+            bare.load_state_dict(ckpt["model"])
+        except RuntimeError as error:  # same model name, other settings (e.g. num_classes)
+            raise CheckpointError(f"{cfg.resume} does not fit the model: {error}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):

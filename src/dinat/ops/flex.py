@@ -21,8 +21,9 @@ Devices:
 * CUDA: flex's Triton kernels, forward and backward (q, k, v and rpb).
 * CPU: flex compiles for CPU through inductor, **inference only** (PyTorch 2.14 has no CPU flex
   backward and no CPU log-sum-exp). When a gradient is needed the forward still runs on flex and
-  the backward recomputes the op with the reference implementation (exact, but not fast): this is
-  what lets the golden tests check the flex forward on every CPU run.
+  the backward recomputes the op with the reference implementation (exact, but not fast; and
+  differentiable again under ``create_graph=True``): this is what lets the golden tests check the
+  flex forward on every CPU run.
 
 The unfused :func:`na2d_qk` / :func:`na2d_av` delegate to the reference implementation on every
 device: flex_attention never materialises the logits, so it cannot return them.
@@ -43,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import grouped, reference
+from . import grouped, primitives, reference
 
 Pair = tuple[int, int]
 
@@ -334,21 +335,20 @@ class _CpuNA2D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, rpb = ctx.saved_tensors
+        inputs = ctx.saved_tensors
         kernel, dil, scale = ctx.args
-        inputs = [
-            None if t is None else t.detach().requires_grad_(needed)
-            for t, needed in zip((q, k, v, rpb), ctx.needs_input_grad)
-        ]
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        create_graph = torch.is_grad_enabled()  # the caller asked for a differentiable backward
+        if not create_graph:  # a graph of the recomputation alone, freed on return
+            inputs = [
+                None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad)
+            ]
         with torch.enable_grad():
-            out = reference.na2d(*inputs[:3], kernel, dil, inputs[3], scale)
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return tuple(None if t is None or not t.requires_grad else next(grads) for t in inputs) + (
-            None,
-            None,
-            None,
-        )
+            grads = primitives.fused_gradients(
+                reference.na2d_qk, reference.na2d_av, grad_out, inputs, ctx.needs_input_grad[:4], kernel, dil, scale
+            )
+        if not create_graph:
+            grads = [None if g is None else g.detach() for g in grads]
+        return (*grads, None, None, None)
 
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dil: Pair, rpb: Tensor | None, scale: float) -> Tensor:

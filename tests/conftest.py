@@ -40,6 +40,25 @@ def assert_half_close_to_float32(attend, q, k, v, rpb, dtype: torch.dtype) -> No
         assert (low - full).abs().max() <= 1e-2 * scale, f"{name}: {(low - full).abs().max()} vs {scale}"
 
 
+def assert_empty_batch_works(backend: str, device: str | torch.device = "cpu") -> None:
+    """The fused and unfused ops on a batch of no images: empty outputs and gradients of the right
+    shapes, and a zero rpb gradient (as a DataLoader's last, empty shard can make them)."""
+    from dinat.ops import na2d, na2d_av, na2d_qk, use_backend
+
+    q = torch.randn(0, 9, 9, 2, 8, device=device, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, device=device, requires_grad=True)
+    with use_backend(backend):
+        out = na2d(q, q, q, 3, (2, 3), rpb)
+        out.sum().backward()
+        heads_first = q.detach().permute(0, 3, 1, 2, 4).requires_grad_()
+        logits = na2d_qk(heads_first, heads_first, 3, (2, 3), rpb)
+        mixed = na2d_av(logits.softmax(-1), heads_first, 3, (2, 3))
+        mixed.sum().backward()
+    assert out.shape == q.grad.shape == (0, 9, 9, 2, 8) and logits.shape == (0, 2, 9, 9, 9)
+    assert mixed.shape == heads_first.grad.shape == (0, 2, 9, 9, 8)
+    assert rpb.grad.shape == rpb.shape and not rpb.grad.any()
+
+
 @pytest.fixture(scope="session")
 def golden_models() -> dict:
     return torch.load(DATA / "models.pt")

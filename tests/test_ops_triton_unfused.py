@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _triton_utils import DEVICE, GOLDEN, GOLDEN_IDS, TOL, needs_interpreter_run, needs_kernels, run_interpreted
+from conftest import assert_empty_batch_works
 from dinat.ops import na2d_av, na2d_qk, use_backend
 
 
@@ -88,3 +89,9 @@ def test_primitives_pass_opcheck(name: str) -> None:
     weights = torch.randn(2, 9, 10, 15, generator=gen).to(DEVICE).requires_grad_()
     first = features.detach().clone().requires_grad_() if name == "na_dot_triton" else weights
     torch.library.opcheck(getattr(torch.ops.dinat, name), (first, features, kernel, dilation))
+
+
+@needs_kernels
+def test_empty_batch() -> None:
+    """No images: no kernel launch fails, the shapes and the (zero) rpb gradient are right."""
+    assert_empty_batch_works("triton", DEVICE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_empty_batch_works, cpu_backends
 from dinat.layers import NeighborhoodAttention2D
 from dinat.ops import na2d, na2d_av, na2d_qk, use_backend
 
@@ -118,3 +119,8 @@ def test_falls_back_to_reference_without_kernels(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="the cpu backend is unavailable"):
         with use_backend("cpu"):
             na2d(q, k, v, 3, 2)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_batch(backend: str) -> None:
+    assert_empty_batch_works(backend)

@@ -194,7 +194,7 @@ def _bias_bins(heads: int, height: int, width: int, kernel: Pair, dilation: Pair
 def na_bias_grad(grad_logits: Tensor, heads: int, kernel: list[int], dilation: list[int]) -> Tensor:
     """Gradient of the rpb table (heads, 2kh-1, 2kw-1) from that of the logits (N, H, kh*kw, W)."""
     n, height, _, width = grad_logits.shape
-    per_head = grad_logits.reshape(n // heads, -1).sum(0)
+    per_head = grad_logits.reshape(n // heads, heads * math.prod(grad_logits.shape[1:])).sum(0)
     bins = _bias_bins(heads, height, width, tuple(kernel), tuple(dilation))
     table = per_head.new_zeros(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1)
     return table.view(-1).index_add_(0, bins, per_head).view(table.shape)
@@ -307,7 +307,7 @@ def _bias(rpb: Tensor, height: int, width: int, kernel: Pair, dilation: Pair) ->
 def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None) -> Tensor:
     batch, heads, height, width, _ = q.shape
     qc, kc = (_channel_major(t, (0, 1, 4, 2, 3)) for t in (q, k))
-    logits = na_dot(qc, kc, list(kernel), list(dilation)).view(batch, heads, height, -1, width)
+    logits = na_dot(qc, kc, list(kernel), list(dilation)).view(batch, heads, height, kernel[0] * kernel[1], width)
     if rpb is not None:
         logits = logits + _bias(rpb.to(logits.dtype), height, width, kernel, dilation)
     return logits.transpose(3, 4).to(q.dtype)

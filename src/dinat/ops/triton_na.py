@@ -432,7 +432,7 @@ def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | No
     batch, heads, height, width, dim = q.shape
     flat = (batch * heads, height, width, dim)
     logits = na_dot(q.reshape(flat), k.reshape(flat), list(kernel), list(dilation))
-    logits = logits.view(batch, heads, height, width, -1)
+    logits = logits.view(batch, heads, height, width, kernel[0] * kernel[1])
     if rpb is not None:
         logits = logits + reference.relative_position_bias(rpb, height, width, kernel, dilation)
     return logits.to(q.dtype)
@@ -441,7 +441,7 @@ def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | No
 def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     """Weighted sum of each query's neighborhood of v, heads-first (B, heads, H, W, D)."""
     batch, heads, height, width, dim = v.shape
-    weights = attn.to(v.dtype).reshape(batch * heads, height, width, -1)
+    weights = attn.to(v.dtype).reshape(batch * heads, height, width, kernel[0] * kernel[1])
     out = na_weighted_sum(weights, v.reshape(batch * heads, height, width, dim), list(kernel), list(dilation))
     return out.view(batch, heads, height, width, dim)
 

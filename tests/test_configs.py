@@ -193,6 +193,7 @@ def test_timm_names_are_accepted(key, value):
         ("opt_betas", [0.9, 1.0], r"opt_betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
         ("mean", 0.5, r"mean must be three numbers \(R, G, B\), got 0.5"),
         ("std", [0.2, 0.0, 0.2], r"std must be > 0, got \(0.2, 0.0, 0.2\)"),
+        ("batch_size", 5, r"batch_size must be even with mixup or cutmix \(timm mixes the batch in pairs\), got 5"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path, key, value, message):
@@ -203,6 +204,10 @@ def test_bad_values_are_clear_errors(tmp_path, key, value, message):
     config.write_text(yaml.safe_dump({key: value}))
     with pytest.raises(ConfigError, match=message):
         make_config(config_file=config)
+
+
+def test_odd_batch_without_mixing():
+    assert make_config({"batch_size": 5, "mixup": 0.0, "cutmix": 0.0}).batch_size == 5
 
 
 def test_command_line_overrides_the_file(tmp_path):

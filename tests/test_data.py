@@ -120,8 +120,8 @@ def test_cli_reports_data_errors(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing"), "--model", MODEL]) == 2
     assert "data directory not found" in capsys.readouterr().err
     write_pngs(tmp_path, per_class=2)
-    assert main(["train", str(tmp_path), *TINY, "--batch-size", "5"]) == 2
-    assert "4 training images are fewer than one batch (5 x 1 processes); lower --batch-size" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), *TINY, "--batch-size", "6"]) == 2
+    assert "4 training images are fewer than one batch (6 x 1 processes); lower --batch-size" in capsys.readouterr().err
 
 
 def test_a_split_asked_for_must_exist(tmp_path):

@@ -198,6 +198,11 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"std must be > 0, got {cfg.std!r}")
 
 
+def uses_mixup(cfg: Config) -> bool:
+    """Whether training mixes images (mixup or cutmix)."""
+    return (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
+
+
 def _check_optimizer(opt: str) -> None:
     """timm's optimizer names, optionally behind 'lookahead_' (as create_optimizer_v2 parses them)."""
     from timm.optim import list_optimizers
@@ -230,6 +235,10 @@ def validate(cfg: Config, check_model: bool = True) -> Config:
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{name}: " + _suggest(getattr(cfg, name), choices, "value") + f" (one of {choices})")
+    if uses_mixup(cfg) and cfg.batch_size % 2:
+        raise ConfigError(
+            f"batch_size must be even with mixup or cutmix (timm mixes the batch in pairs), got {cfg.batch_size}"
+        )
     _check_optimizer(cfg.opt)
     _check_auto_augment(cfg.aa)
     if check_model:

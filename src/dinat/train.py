@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .checkpoints import CheckpointError, read_checkpoint
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
-from .config import Config, ConfigError, add_config_arguments, as_dict, config_from_args
+from .config import Config, ConfigError, add_config_arguments, as_dict, config_from_args, uses_mixup
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
 from .ops import use_backend
 from .validate import attention_backend, autocast_and_scaler, create_model, evaluate, load_weights, pick_device
@@ -260,7 +260,7 @@ def _train(cfg: Config) -> dict:
 
     # -- loss, optimizer (no weight decay on rpb, norms, biases), per-iteration schedule, AMP ------
     mixup = None
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
+    if uses_mixup(cfg):
         mixup = Mixup(
             mixup_alpha=cfg.mixup,
             cutmix_alpha=cfg.cutmix,

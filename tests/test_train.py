@@ -286,3 +286,14 @@ def test_resume_from_the_wrong_file_is_a_clear_error(trained, tmp_path, capsys):
     for extra, message in cases:
         assert cli_main(["train", *common, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_image_size_an_isotropic_model_cannot_take(trained, tmp_path, capsys):
+    """Isotropic models take 14x14 tokens: another --img-size is an error before training starts."""
+    root, _, _ = trained
+    assert cli_main(["train", str(root), *TINY, "--model", "vitrpb_small", "--output", str(tmp_path)]) == 2
+    message = "vitrpb_small: isotropic models take 14x14 tokens (224x224 images), got img_size 32"
+    assert message in capsys.readouterr().err
+    with torch.device("meta"):
+        for size in (224, 210):  # 210 px pads to 224
+            assert validate.create_model("vitrpb_small", 10, img_size=size).num_classes == 10

@@ -238,7 +238,7 @@ def _train(cfg: Config) -> dict:
     val_loader = eval_loader(val_set, cfg, rank, world, pin)
 
     # -- model -----------------------------------------------------------------------------------
-    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained, drop_path=cfg.drop_path)
+    model = create_model(cfg.model, num_classes, cfg.pretrained, cfg.drop_path, cfg.img_size)
     if cfg.initial_checkpoint:
         new_head = load_weights(model, cfg.initial_checkpoint)
         log(f"loaded {cfg.initial_checkpoint}" + (f"; new head {new_head}" if new_head else ""))

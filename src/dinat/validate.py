@@ -70,7 +70,15 @@ def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
 
 
-def create_model(name: str, num_classes: int | None, pretrained: bool = False, drop_path: float | None = None):
+def create_model(
+    name: str,
+    num_classes: int | None,
+    pretrained: bool = False,
+    drop_path: float | None = None,
+    img_size: int | None = None,
+):
+    """The timm model ``name``; a setting it refuses (e.g. an image size an isotropic model cannot
+    take) is a ConfigError, weights that cannot be fetched a CheckpointError."""
     import dinat  # noqa: F401  (registers the models)
 
     check_model_name(name)
@@ -79,8 +87,14 @@ def create_model(name: str, num_classes: int | None, pretrained: bool = False, d
         kwargs["num_classes"] = num_classes
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
+    if img_size is not None and timm.models.get_pretrained_cfg_value(name, "fixed_input_size"):
+        kwargs["img_size"] = img_size  # models of one input size check it when built
     try:
         return timm.create_model(name, **kwargs)
+    except CheckpointError:
+        raise
+    except ValueError as error:  # the model's checks of its arguments
+        raise ConfigError(f"{name}: {error}") from None
     except OSError as error:  # urllib's URLError / HTTPError: offline, or the file moved
         if not pretrained:
             raise
@@ -204,6 +218,7 @@ def main(argv=None) -> dict:
         args.model,
         args.num_classes or (None if args.pretrained else data_classes),
         pretrained=args.pretrained,
+        img_size=args.img_size,
     )
     if args.checkpoint:
         load_weights(model, args.checkpoint, use_ema=args.use_ema)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -297,3 +298,20 @@ def test_image_size_an_isotropic_model_cannot_take(trained, tmp_path, capsys):
     with torch.device("meta"):
         for size in (224, 210):  # 210 px pads to 224
             assert validate.create_model("vitrpb_small", 10, img_size=size).num_classes == 10
+
+
+def test_deterministic_mode_sets_the_cublas_workspace(monkeypatch):
+    """--deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG (else torch raises at the first matmul);
+    a value the user set is kept."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        train.make_deterministic()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        train.make_deterministic()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]

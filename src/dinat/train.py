@@ -59,6 +59,15 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def make_deterministic() -> None:
+    """Deterministic kernels only, from here on. On CUDA, cuBLAS is deterministic only with a fixed
+    workspace (without one, torch raises at the first matmul); it reads the setting when its first
+    handle is made, i.e. at the first matmul."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def all_finite(value: torch.Tensor, world: int) -> bool:
     """Whether ``value`` is finite on every rank (a collective: all ranks call it at the same step)."""
     finite = torch.isfinite(value).float()
@@ -220,8 +229,7 @@ def _train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+        make_deterministic()
     log = tqdm.write if main_process else (lambda *a, **k: None)
 
     # -- data ------------------------------------------------------------------------------------

@@ -315,3 +315,17 @@ def test_deterministic_mode_sets_the_cublas_workspace(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+def test_classes_of_model_and_data_must_agree(trained, tmp_path, capsys):
+    """validate refuses a checkpoint whose classifier is for another number of classes (a new, random
+    head would report chance accuracy); train and validate refuse a head smaller than the labels."""
+    root, out, _ = trained  # 2 classes
+    three = write_pngs(tmp_path / "three", classes=3, per_class=2)
+    validate_args = ["validate", str(three), "--model", MODEL, "--img-size", "32", "--workers", "0", "--device", "cpu"]
+    assert cli_main([*validate_args, "--checkpoint", str(out / "last.pth")]) == 2
+    assert "its classifier (head.weight, head.bias) is not for 3 classes" in capsys.readouterr().err
+    assert cli_main([*validate_args, "--checkpoint", str(out / "last.pth"), "--num-classes", "2"]) == 2
+    assert "the data has 3 classes but the model's head has 2" in capsys.readouterr().err
+    assert cli_main(["train", str(three), *TINY, "--num-classes", "2", "--output", str(tmp_path / "run")]) == 2
+    assert "the data has 3 classes but the model's head has 2" in capsys.readouterr().err

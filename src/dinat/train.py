@@ -37,7 +37,15 @@ from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replac
 from .config import Config, ConfigError, add_config_arguments, as_dict, config_from_args, uses_mixup
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
 from .ops import use_backend
-from .validate import attention_backend, autocast_and_scaler, create_model, evaluate, load_weights, pick_device
+from .validate import (
+    attention_backend,
+    autocast_and_scaler,
+    check_classes,
+    create_model,
+    evaluate,
+    load_weights,
+    pick_device,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -250,6 +258,7 @@ def _train(cfg: Config) -> dict:
     if cfg.initial_checkpoint:
         new_head = load_weights(model, cfg.initial_checkpoint)
         log(f"loaded {cfg.initial_checkpoint}" + (f"; new head {new_head}" if new_head else ""))
+    check_classes(num_classes, data_classes)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

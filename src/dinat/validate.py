@@ -102,6 +102,16 @@ def create_model(
         raise CheckpointError(f"could not download the weights of {name} from {url}: {error}{DOWNLOAD_HINT}") from None
 
 
+def check_classes(model_classes: int, data_classes: int | None) -> None:
+    """The model's head must have a logit for every label of the data (else the loss fails at the
+    first batch: an index error, or a device-side assert on CUDA)."""
+    if data_classes and model_classes < data_classes:
+        raise ConfigError(
+            f"the data has {data_classes} classes but the model's head has {model_classes}; "
+            "raise --num-classes or leave it out"
+        )
+
+
 def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Weights from a state_dict file or a checkpoint wrapping one (`dinat train`'s: `model`, `ema`);
     with ``use_ema`` the EMA weights, which must be there."""
@@ -221,7 +231,13 @@ def main(argv=None) -> dict:
         img_size=args.img_size,
     )
     if args.checkpoint:
-        load_weights(model, args.checkpoint, use_ema=args.use_ema)
+        new_head = load_weights(model, args.checkpoint, use_ema=args.use_ema)
+        if new_head:  # a new, random classifier would report chance-level accuracy
+            raise CheckpointError(
+                f"{args.checkpoint}: its classifier ({', '.join(new_head)}) is not for {model.num_classes} "
+                "classes; give its number of classes with --num-classes"
+            )
+    check_classes(model.num_classes, data_classes)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

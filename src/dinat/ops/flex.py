@@ -335,19 +335,20 @@ class _CpuNA2D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs = ctx.saved_tensors
         kernel, dil, scale = ctx.args
         create_graph = torch.is_grad_enabled()  # the caller asked for a differentiable backward
-        if not create_graph:  # a graph of the recomputation alone, freed on return
-            inputs = [
-                None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad)
-            ]
         with torch.enable_grad():
             grads = primitives.fused_gradients(
-                reference.na2d_qk, reference.na2d_av, grad_out, inputs, ctx.needs_input_grad[:4], kernel, dil, scale
+                reference.na2d_qk,
+                reference.na2d_av,
+                grad_out,
+                ctx.saved_tensors,
+                ctx.needs_input_grad[:4],
+                kernel,
+                dil,
+                scale,
+                create_graph=create_graph,
             )
-        if not create_graph:
-            grads = [None if g is None else g.detach() for g in grads]
         return (*grads, None, None, None)
 
 

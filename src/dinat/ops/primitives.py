@@ -50,18 +50,28 @@ def register_gradients(dot, weighted_sum, scatter) -> None:
 
 
 def fused_gradients(
-    na2d_qk, na2d_av, grad_out: Tensor, inputs: tuple, needs: tuple, kernel: tuple, dilation: tuple, scale: float
+    na2d_qk,
+    na2d_av,
+    grad_out: Tensor,
+    inputs: tuple,
+    needs: tuple,
+    kernel: tuple,
+    dilation: tuple,
+    scale: float,
+    create_graph: bool = True,
 ) -> list[Tensor | None]:
-    """The fused op's backward when it must itself be differentiable (``create_graph=True``).
+    """The fused op's backward through a backend's unfused ops, by default one that must itself be
+    differentiable (``create_graph=True``).
 
     Recomputes ``softmax(scale * q.k + rpb) v`` for tokens-first (B, H, W, heads, D) ``inputs`` =
-    (q, k, v, rpb) through a backend's unfused ops (made of the primitives above) and returns the
-    gradients of those of the inputs that ``needs`` names, as tensors autograd can differentiate again.
+    (q, k, v, rpb) through the unfused ops (made of the primitives above) and returns the gradients
+    of those of the inputs that ``needs`` names; with ``create_graph``, tensors autograd can
+    differentiate again. Call it with grad mode enabled.
     """
     q, k, v, rpb = inputs
     heads_first = [t.permute(0, 3, 1, 2, 4) for t in (q, k, v)]
     attn = na2d_qk(heads_first[0] * scale, heads_first[1], kernel, dilation, rpb).softmax(-1)
     out = na2d_av(attn, heads_first[2], kernel, dilation).permute(0, 2, 3, 1, 4)
     wanted = [t for t, needed in zip(inputs, needs) if needed and t is not None]
-    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph))
     return [next(grads) if needed and t is not None else None for t, needed in zip(inputs, needs)]

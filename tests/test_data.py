@@ -11,7 +11,7 @@ from PIL import Image
 from _train_utils import MODEL, TINY, write_pngs
 from dinat import train
 from dinat.config import make_config
-from dinat.data import DataError, Digits, ImageFolder, build_datasets, build_eval_dataset
+from dinat.data import DataError, Digits, ImageFolder, ResumableSampler, build_datasets, build_eval_dataset
 
 
 def folder_config(root, **kw):
@@ -176,3 +176,32 @@ def test_every_augmentation_runs_at_every_magnitude(aa):
     if posterize.name == "PosterizeIncreasing":
         posterize.magnitude = 10
         assert not np.asarray(posterize(image)).any()
+
+
+@pytest.mark.parametrize("n", [48, 50, 29])
+def test_resumable_sampler_hands_each_sample_of_an_epoch_out_once_whatever_the_processes(n):
+    """Its order is DistributedSampler's; the batches already taken by `before` processes are a prefix
+    of it, so those that `after` processes take from there complete the epoch."""
+    data = list(range(n))
+    for world in (1, 2, 3):
+        for rank in range(world):
+            ours = ResumableSampler(data, world, rank, seed=5)
+            theirs = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=5)
+            ours.set_epoch(3), theirs.set_epoch(3)
+            assert list(ours) == list(theirs) and len(ours) == len(theirs)
+    for before, batch_before, steps, after in [(2, 4, 3, 1), (1, 3, 2, 3), (3, 2, 1, 2), (2, 2, 0, 2)]:
+        taken = []
+        for rank in range(before):
+            sampler = ResumableSampler(data, before, rank, seed=5)
+            taken += list(sampler)[: steps * batch_before]
+        rest = []
+        for rank in range(after):
+            sampler = ResumableSampler(data, after, rank, seed=5)
+            sampler.start = before * batch_before * steps
+            assert len(sampler) == len(list(sampler)) == (sampler.total_size - sampler.start) // after
+            rest += list(sampler)
+        epoch = taken + rest
+        if n % 6 == 0:  # no padding, nothing left over
+            assert sorted(epoch) == data
+        assert len(set(data) - set(epoch)) < after, "only the last, uneven samples may be left out"
+        assert len(epoch) - len(set(epoch)) < max(before, after), "only the padding repeats samples"

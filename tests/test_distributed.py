@@ -17,29 +17,15 @@ pytestmark = pytest.mark.slow
 ARGS = [*TINY, "--epochs", "2", "--mixup", "0", "--cutmix", "0", "--drop-path", "0", "--reprob", "0.25"]
 
 
+def torchrun_train(*args: str) -> None:
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *dinat_cmd(*args)[1:]])
+
+
 def test_two_processes_match_one_with_the_same_total_batch(tmp_path):
     data = write_pngs(tmp_path / "data", per_class=8)  # 16 images: 2 steps of 8 per epoch
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     run(dinat_cmd("train", str(data), *ARGS, "--batch-size", "8", "--output", str(one)))
-    run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "dinat.cli",
-            "train",
-            str(data),
-            *ARGS,
-            "--batch-size",
-            "4",
-            "--output",
-            str(two),
-        ]
-    )
+    torchrun_train("train", str(data), *ARGS, "--batch-size", "4", "--output", str(two))
 
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -54,3 +40,17 @@ def test_two_processes_match_one_with_the_same_total_batch(tmp_path):
     one_summary = json.loads((one / "summary.json").read_text())
     for key in ("val_top1", "val_top5", "val_loss", "train_loss"):
         assert summary[key] == pytest.approx(one_summary[key], rel=1e-3, abs=1e-3), key
+
+    # stopped in the middle of epoch 1 with 2 processes, resumed with 1: still the same run
+    torchrun_train("train", str(data), *ARGS, "--batch-size", "4", "--max-steps", "1", "--output", str(resumed))
+    ckpt = torch.load(resumed / "last.pth", weights_only=True)
+    assert (ckpt["samples"], ckpt["step"], ckpt["world"]) == (8, 1, 2)
+    last = str(resumed / "last.pth")
+    run(dinat_cmd("train", str(data), *ARGS, "--batch-size", "8", "--output", str(resumed), "--resume", last))
+    c = torch.load(resumed / "last.pth", weights_only=True)
+    assert c["step"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(c["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # the loss of epoch 1 sums both ranks' part before the stop and the rest after it
+    history = [h["train_loss"] for h in c["history"]]
+    assert history == pytest.approx([h["train_loss"] for h in a["history"]], rel=1e-4)

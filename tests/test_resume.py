@@ -78,7 +78,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert "last.pth" in seen
     ckpt = torch.load(killed / "last.pth", weights_only=True)
-    assert ckpt["epoch"] == 0 and 0 < ckpt["batch"] < 8, "the kill must land in the middle of epoch 1"
+    assert ckpt["epoch"] == 0 and 0 < ckpt["samples"] < 32, "the kill must land in the middle of epoch 1"
     assert not (killed / "summary.json").exists()
 
     run(dinat_cmd("train", str(data), *ARGS, "--output", str(killed), "--resume", str(killed / "last.pth")))

@@ -289,6 +289,38 @@ def test_resume_from_the_wrong_file_is_a_clear_error(trained, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_resume_with_another_batch_size_or_more_epochs(trained, tmp_path):
+    """A mid-epoch checkpoint records the samples taken, not batches: resumed with another batch size
+    (or number of processes), the run takes the rest of the epoch and the step count and learning
+    rates of a run that had that batch size from the start."""
+    root, _, _ = trained
+    common = [str(root), *TINY, "--epochs", "2"]
+    train.main([*common, "--max-steps", "3", "--output", str(tmp_path / "a")])  # batch 4 of 16 images
+    ckpt = torch.load(tmp_path / "a" / "last.pth")
+    assert (ckpt["epoch"], ckpt["samples"], ckpt["step"]) == (0, 12, 3)
+    resume = ["--resume", str(tmp_path / "a" / "last.pth")]
+    train.main([*common, "--batch-size", "2", "--output", str(tmp_path / "a"), *resume])
+    train.main([*common, "--batch-size", "2", "--output", str(tmp_path / "b")])
+    resumed, fresh = (torch.load(tmp_path / run / "last.pth") for run in "ab")
+    assert resumed["step"] == fresh["step"] == 16
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in fresh["history"]]
+    # the schedule follows the config: a finished run can be extended
+    more = train.main(
+        [
+            *common,
+            "--batch-size",
+            "2",
+            "--epochs",
+            "3",
+            "--output",
+            str(tmp_path / "b"),
+            "--resume",
+            str(tmp_path / "b" / "last.pth"),
+        ]
+    )
+    assert (more["epoch"], more["step"]) == (3, 24)
+
+
 def test_image_size_an_isotropic_model_cannot_take(trained, tmp_path, capsys):
     """Isotropic models take 14x14 tokens: another --img-size is an error before training starts."""
     root, _, _ = trained

@@ -84,6 +84,14 @@ def all_finite(value: torch.Tensor, world: int) -> bool:
     return bool(finite.item())
 
 
+def global_sums(loss_sum: torch.Tensor, seen: int, world: int) -> torch.Tensor:
+    """(summed loss, samples) over all ranks (a collective when world > 1)."""
+    sums = torch.stack([loss_sum, loss_sum.new_tensor(seen)])
+    if world > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
 def rng_state() -> dict:
     """This process's random states, as tensors and plain values (loadable with weights_only)."""
     np_state = np.random.get_state()
@@ -149,7 +157,19 @@ def write_history(history: list[dict], out: Path) -> None:
     os.replace(out / ".metrics.tmp.png", out / "metrics.png")
 
 
-TRAINING_KEYS = ("model", "optimizer", "scheduler", "epoch", "batch", "step", "history", "best", "partial", "rng")
+TRAINING_KEYS = (
+    "model",
+    "optimizer",
+    "epoch",
+    "samples",
+    "step",
+    "history",
+    "best",
+    "partial",
+    "rng",
+    "world",
+    "config",
+)
 
 
 def read_training_checkpoint(path: str, model_name: str) -> dict:
@@ -162,7 +182,7 @@ def read_training_checkpoint(path: str, model_name: str) -> dict:
             f"{path} is not a `dinat train` checkpoint (it has no {', '.join(missing)}); "
             "to start from its weights, use --initial-checkpoint"
         )
-    trained = ckpt.get("config", {}).get("model")
+    trained = ckpt["config"].get("model")
     if trained and trained != model_name:
         raise CheckpointError(f"{path} is a checkpoint of {trained}, not {model_name}: resume with --model {trained}")
     return ckpt
@@ -313,8 +333,11 @@ def _train(cfg: Config) -> dict:
     )
     autocast, scaler = autocast_and_scaler(cfg.amp, cfg.amp_dtype, device)
 
-    # -- resume: weights, optimizer, schedule, scaler, EMA, position, history, random states ------
-    start_epoch, start_batch, step, history, best, partial = 0, 0, 0, [], [], (0.0, 0)
+    # -- resume: weights, optimizer, scaler, EMA, position, history, random states ------------------
+    # The position is (epoch, samples of it taken by all ranks): it maps onto any number of processes
+    # and batch size. The schedule is a function of the config and the step, as in timm's train.py.
+    total_batch = cfg.batch_size * world
+    start_epoch, start_sample, history, best, partial = 0, 0, [], [], (0.0, 0)
     rng_to_restore = None
     if cfg.resume:
         ckpt = read_training_checkpoint(cfg.resume, cfg.model)
@@ -323,18 +346,22 @@ def _train(cfg: Config) -> dict:
         except RuntimeError as error:  # same model name, other settings (e.g. num_classes)
             raise CheckpointError(f"{cfg.resume} does not fit the model: {error}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.module.load_state_dict(ckpt["ema"])
-        start_epoch, start_batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        start_epoch, start_sample = ckpt["epoch"], ckpt["samples"]
         history, best, partial = ckpt["history"], [tuple(b) for b in ckpt["best"]], tuple(ckpt["partial"])
         if ckpt["world"] == world:
             rng_to_restore = ckpt["rng"][rank]
         else:
             log(f"resuming with {world} processes instead of {ckpt['world']}: random states reseeded")
-        log(f"resumed {cfg.resume}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
+        saved_batch = ckpt["config"]["batch_size"] * ckpt["world"]
+        if saved_batch != total_batch:
+            log(f"resuming with a total batch of {total_batch} instead of {saved_batch}: steps recounted")
+    step = start_epoch * steps_per_epoch + start_sample // total_batch
+    if cfg.resume:
+        log(f"resumed {cfg.resume}: epoch {start_epoch + 1}, sample {start_sample}, step {step}")
     if cfg.sched_epochwise:
         scheduler.step(start_epoch)
     else:
@@ -347,24 +374,25 @@ def _train(cfg: Config) -> dict:
         torch.manual_seed(cfg.seed + rank)
     last_saved = cfg.resume or None
 
-    def save(epoch: int, batch: int, partial_sums: tuple[float, int]) -> None:
-        """last.pth (all ranks take part: their random states are gathered)."""
+    def save(epoch: int, samples: int, loss_sum: torch.Tensor, seen: int) -> None:
+        """last.pth at ``samples`` into ``epoch`` with the epoch's loss so far (all ranks take part:
+        the loss sums and random states are gathered)."""
         nonlocal last_saved
+        partial_sums = global_sums(loss_sum, seen, world).tolist()
         states = all_rng_states(world)
         if main_process:
             save_atomic(
                 {
                     "model": bare.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None,
                     "ema": ema.module.state_dict() if ema else None,
                     "epoch": epoch,
-                    "batch": batch,
+                    "samples": samples,
                     "step": step,
                     "history": history,
                     "best": best,
-                    "partial": partial_sums,
+                    "partial": (partial_sums[0], int(partial_sums[1])),
                     "rng": states,
                     "world": world,
                     "config": as_dict(cfg),
@@ -374,24 +402,25 @@ def _train(cfg: Config) -> dict:
         last_saved = str(out / "last.pth")
 
     # -- the loop ---------------------------------------------------------------------------------
-    total_batch = cfg.batch_size * world
     finished, mid_epoch, row = False, False, history[-1] if history else None
     for epoch in range(start_epoch, num_epochs):
-        sampler.start = start_batch * cfg.batch_size
+        sampler.start = start_sample
         loader = train_loader(train_set, sampler, cfg, epoch, pin)
-        loss_sum, seen = partial if start_batch else (0.0, 0)
+        first_batch = start_sample // total_batch
+        end_batch = first_batch + len(loader)
+        loss_sum, seen = partial if main_process else (0.0, 0)  # the epoch's loss so far, over all ranks
         loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # summed where it is: no sync per step
         model.train()
         bar = tqdm(
-            total=steps_per_epoch,
-            initial=start_batch,
+            total=end_batch,
+            initial=first_batch,
             desc=f"epoch {epoch + 1}/{num_epochs}",
             disable=not main_process,
             dynamic_ncols=True,
             leave=False,
         )
         tick = time.perf_counter()
-        for batch_idx, (x, y) in enumerate(loader, start=start_batch):
+        for batch_idx, (x, y) in enumerate(loader, start=first_batch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -423,7 +452,7 @@ def _train(cfg: Config) -> dict:
             seen += len(x)
             bar.update()
             finished = bool(cfg.max_steps) and step >= cfg.max_steps
-            mid_epoch = batch_idx + 1 < steps_per_epoch
+            mid_epoch = batch_idx + 1 < end_batch
             save_now = mid_epoch and (finished or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0))
             # every log_interval steps and before any save: the one host sync (all ranks at the same steps)
             if save_now or not mid_epoch or step % cfg.log_interval == 0:
@@ -431,23 +460,21 @@ def _train(cfg: Config) -> dict:
                     bar.close()
                     kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
                     raise TrainingDiverged(f"loss is not finite by epoch {epoch + 1}, step {step}; stopping ({kept})")
-                speed = total_batch * (batch_idx + 1 - start_batch) / max(time.perf_counter() - tick, 1e-9)
+                speed = total_batch * (batch_idx + 1 - first_batch) / max(time.perf_counter() - tick, 1e-9)
                 bar.set_postfix_str(
                     f"loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {speed:.0f} img/s",
                     refresh=False,
                 )
             if save_now:
-                save(epoch, batch_idx + 1, (loss_sum.item(), seen))
+                save(epoch, start_sample + (batch_idx + 1 - first_batch) * total_batch, loss_sum, seen)
                 log(f"saved {out / 'last.pth'} at step {step} (epoch {epoch + 1}, batch {batch_idx + 1})")
             if finished:
                 break
         bar.close()
-        start_batch = 0
+        start_sample, partial = 0, (0.0, 0)
 
         # -- end of epoch: metrics over all ranks, eval, checkpoints, history ---------------------
-        sums = torch.stack([loss_sum, loss_sum.new_tensor(seen)])
-        if world > 1:
-            dist.all_reduce(sums)
+        sums = global_sums(loss_sum, seen, world)
         metrics = evaluate(bare, val_loader, device, autocast, world > 1, cfg.channels_last)
         if ema is not None:
             metrics = evaluate(ema.module, val_loader, device, autocast, world > 1, cfg.channels_last)
@@ -465,7 +492,7 @@ def _train(cfg: Config) -> dict:
         history.append(row)
         if cfg.sched_epochwise:
             scheduler.step(epoch + 1)
-        save(epoch + 1, 0, (0.0, 0))
+        save(epoch + 1, 0, loss_sum.new_zeros(()), 0)
         if main_process:
             best = keep_best(out, best, checkpoint_score(row, cfg.eval_metric), epoch + 1, cfg.checkpoint_hist)
             write_history(history, out)

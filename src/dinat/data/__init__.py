@@ -9,6 +9,7 @@ of an epoch sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -186,17 +187,28 @@ def build_eval_dataset(cfg):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (also for one process) that can start an epoch at a given sample."""
+    """DistributedSampler (also for one process) that starts an epoch at a global sample offset.
+
+    The epoch's order is DistributedSampler's (a seeded permutation, repeated to a multiple of the
+    number of processes) and rank r takes every `num_replicas`-th sample from `start + r`. Whatever
+    the number of processes and the batch size, the samples of the first steps are a prefix of that
+    order, so a run resumed mid-epoch with other ones still sees each sample of the epoch once.
+    """
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.start = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start :])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        permutation = torch.randperm(len(self.dataset), generator=g).tolist()
+        order = itertools.islice(itertools.cycle(permutation), self.total_size)
+        mine = itertools.islice(order, self.start + self.rank, None, self.num_replicas)
+        return itertools.islice(mine, len(self))  # the same number on every rank
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return max(self.total_size - self.start, 0) // self.num_replicas
 
 
 class ShardSampler(Sampler):

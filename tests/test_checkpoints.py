@@ -48,13 +48,14 @@ def _write(kind: str, state_dict: dict, path) -> str:
             "state_dict_ema": state_dict,
         },
         "model": {"model": state_dict, "optimizer": {}},
+        "dinat-train": {"model": {k: torch.zeros_like(v) for k, v in state_dict.items()}, "state_dict_ema": state_dict},
         "ddp": {f"module.{k}": v for k, v in state_dict.items()},
     }[kind]
     torch.save(obj, path / "w.pth")
     return str(path / "w.pth")
 
 
-@pytest.mark.parametrize("kind", ["bare", "state_dict", "ema", "model", "ddp", "safetensors"])
+@pytest.mark.parametrize("kind", ["bare", "state_dict", "ema", "model", "dinat-train", "ddp", "safetensors"])
 def test_pretrained_file_same_logits(kind: str, source, tmp_path) -> None:
     state_dict, expected = source
     path = _write(kind, state_dict, tmp_path)
@@ -72,6 +73,20 @@ def test_create_model_checkpoint_path(source, tmp_path) -> None:
     model = dinat.create_model("dinat_mini", checkpoint_path=_write("ddp", state_dict, tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(X), expected, rtol=0, atol=0)
+
+
+def test_create_model_features_only_checkpoint_path(source, tmp_path) -> None:
+    """features_only drops the final norm and head; the file's other weights load, checked strictly."""
+    state_dict = dict(source[0])
+    path = _write("dinat-train", state_dict, tmp_path)
+    features = dinat.create_model("dinat_mini", features_only=True, checkpoint_path=path).eval()
+    full = dinat.create_model("dinat_mini", checkpoint_path=path).eval()
+    with torch.no_grad():
+        last = full.forward_intermediates(X, intermediates_only=True)[-1]
+        torch.testing.assert_close(features(X)[-1], last, rtol=0, atol=0)
+    del state_dict["levels.0.blocks.0.attn.rpb"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): levels.0.blocks.0.attn.rpb"):
+        dinat.create_model("dinat_mini", features_only=True, checkpoint_path=_write("bare", state_dict, tmp_path))
 
 
 def test_pretrained_new_head(source, tmp_path) -> None:
@@ -175,10 +190,11 @@ def test_save_checkpoint_atomic(tmp_path, monkeypatch) -> None:
 
 
 def test_alternative_url(monkeypatch, tmp_path) -> None:
-    tried = []
+    tried, cache_dirs = [], []
 
     def fake_download(url, **kwargs):
         tried.append(url)
+        cache_dirs.append(kwargs.get("cache_dir"))
         if "_in1k_224" in url:
             raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
         return str(tmp_path / "w.pth")
@@ -191,6 +207,10 @@ def test_alternative_url(monkeypatch, tmp_path) -> None:
     kwargs = {"pretrained_cfg_overlay": {"file": "local.pth"}}
     resolve_download("dinat_s_tiny", kwargs)
     assert kwargs == {"pretrained_cfg_overlay": {"file": "local.pth"}} and len(tried) == 2
+    # timm.create_model(..., cache_dir=D) downloads into D, the fallback URLs too
+    torch.save(timm.create_model("dinat_s_tiny").state_dict(), tmp_path / "w.pth")
+    timm.create_model("dinat_s_tiny", pretrained=True, cache_dir=str(tmp_path / "cache"))
+    assert cache_dirs == [None, None, str(tmp_path / "cache"), str(tmp_path / "cache")]
 
 
 def test_read_state_dict_of_a_training_checkpoint(tmp_path) -> None:
@@ -200,9 +220,9 @@ def test_read_state_dict_of_a_training_checkpoint(tmp_path) -> None:
 
     model, ema = {"module.w": torch.zeros(2)}, {"w": torch.ones(2)}
     path = tmp_path / "last.pth"
-    torch.save({"model": model, "ema": ema, "optimizer": {"state": {}}, "epoch": 3}, path)
+    torch.save({"model": model, "state_dict_ema": ema, "optimizer": {"state": {}}, "epoch": 3}, path)
     assert read_state_dict(path)["w"].sum() == 0 and read_state_dict(path, use_ema=True)["w"].sum() == 2
-    torch.save({"model": model, "ema": None, "epoch": 3}, path)
+    torch.save({"model": model, "state_dict_ema": None, "epoch": 3}, path)
     assert list(read_state_dict(path)) == ["w"]
     with pytest.raises(CheckpointError, match=f"{path} has no EMA weights"):
         read_state_dict(path, use_ema=True)

@@ -124,6 +124,11 @@ def test_timm_interface() -> None:
     assert all(n.endswith("attn.rpb") for n in model.no_weight_decay()) and len(model.no_weight_decay()) == 18
     groups = group_parameters(model, model.group_matcher())
     assert len(groups) > 18 and sum(len(g) for g in groups.values()) == len(list(model.parameters()))
+    # a stage's downsample runs after its last block and takes that block's group (layer decay)
+    group_of = group_parameters(model, model.group_matcher(), reverse=True)  # name -> group
+    assert group_of["levels.0.downsample.reduction.weight"] == group_of["levels.0.blocks.2.mlp.fc2.weight"]
+    assert group_of["levels.1.blocks.0.norm1.weight"] == group_of["levels.0.downsample.norm.weight"] + 1
+    assert group_of["norm.weight"] == group_of["levels.3.blocks.4.mlp.fc2.weight"]
     model.reset_classifier(7)
     assert model.get_classifier().out_features == 7 and model(x).shape == (1, 7)
     model.reset_classifier(0, "")

@@ -7,8 +7,10 @@ import json
 import os
 
 import pytest
+import timm
 import torch
 
+import dinat
 from _train_utils import MODEL, TINY, write_pngs
 from dinat import train, validate
 from dinat.cli import main as cli_main
@@ -69,6 +71,27 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
     assert results["images"] == 16
     assert results["top1"] == pytest.approx(summary["val_top1"])
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_ema_weights_are_where_timm_and_validate_look(trained, tmp_path, capsys):
+    """With --model-ema the checkpoint keeps the EMA weights under timm's `state_dict_ema`: the epoch's
+    metrics are the EMA's, `validate --use-ema` reproduces them, and timm's pretrained-file route and
+    `dinat.create_model(checkpoint_path=...)` both load them."""
+    root, _, _ = trained
+    args = [str(root), *TINY, "--epochs", "1", "--model-ema", "--model-ema-decay", "0.5", "--output", str(tmp_path)]
+    summary = train.main(args)
+    ckpt = torch.load(tmp_path / "last.pth")
+    assert not torch.equal(ckpt["state_dict_ema"]["head.weight"], ckpt["model"]["head.weight"])
+    val = [str(root), "--model", MODEL, "--checkpoint", str(tmp_path / "last.pth"), "--img-size", "32"]
+    val += ["--crop-pct", "1.0", "--workers", "0", "--device", "cpu", "--results-file", str(tmp_path / "v.json")]
+    assert cli_main(["validate", *val, "--use-ema"]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+    overlay = dict(file=str(tmp_path / "last.pth"), num_classes=2)  # the file's head, not a new one
+    for model in (
+        timm.create_model(MODEL, pretrained=True, num_classes=2, pretrained_cfg_overlay=overlay),
+        dinat.create_model(MODEL, num_classes=2, checkpoint_path=tmp_path / "last.pth"),
+    ):
+        assert torch.equal(model.head.weight, ckpt["state_dict_ema"]["head.weight"])
 
 
 def test_attention_backend_option(trained, tmp_path, monkeypatch, capsys):

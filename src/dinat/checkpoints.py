@@ -2,8 +2,7 @@
 
 * :func:`load_state_dict` reads ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors``
   and unwraps it (:func:`unwrap_state_dict`): a bare state_dict, a timm/EMA-style wrapper
-  (``state_dict_ema`` / ``model_ema`` / ``ema`` preferred when ``use_ema``, then ``state_dict``,
-  ``model``),
+  (``state_dict_ema`` / ``model_ema`` preferred when ``use_ema``, then ``state_dict``, ``model``),
   DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes.
 * :func:`load_checkpoint` loads one into a model strictly; a mismatch raises
   :class:`CheckpointMismatchError` listing missing, unexpected and wrong-shaped keys.
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from .ops import as_pair
 
 WRAPPER_KEYS = ("state_dict", "model")
-EMA_KEYS = ("state_dict_ema", "model_ema", "ema")  # timm's, then `dinat train`'s
+EMA_KEYS = ("state_dict_ema", "model_ema")  # timm's names, which `dinat train` uses too
 PREFIXES = ("module.", "_orig_mod.")
 # Plain-value classes a weights-only load may rebuild: the `args` of checkpoints written by timm's
 # train.py (the original's training script).
@@ -276,10 +275,11 @@ def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
     url = cfg.get("url")
     if cfg.get("file") or cfg.get("state_dict") or url not in ALT_URLS:
         return
+    cache = {"cache_dir": kwargs["cache_dir"]} if kwargs.get("cache_dir") else {}  # as timm.create_model's
     errors = []
     for candidate in (url, *ALT_URLS[url]):
         try:
-            path = download_cached_file(candidate, check_hash=False, progress=True)
+            path = download_cached_file(candidate, check_hash=False, progress=True, **cache)
         except OSError as err:  # urllib's HTTPError / URLError are OSErrors
             errors.append(f"{candidate}: {err}")
             continue

@@ -25,6 +25,11 @@ def create_model(
     arch = name.split(".", 1)[0]
     if arch not in models.MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; the models are: {', '.join(models.MODEL_NAMES)}")
+    if checkpoint_path is not None and kwargs.get("features_only"):
+        # timm wraps the model for features_only (dropping its norm and head) after it loads the
+        # pretrained file, which checkpoint_filter_fn checks strictly: load it there
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=os.fspath(checkpoint_path))
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, strict=True)

@@ -348,8 +348,8 @@ def _train(cfg: Config) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
+        if ema is not None and ckpt.get("state_dict_ema") is not None:
+            ema.module.load_state_dict(ckpt["state_dict_ema"])
         start_epoch, start_sample = ckpt["epoch"], ckpt["samples"]
         history, best, partial = ckpt["history"], [tuple(b) for b in ckpt["best"]], tuple(ckpt["partial"])
         if ckpt["world"] == world:
@@ -386,7 +386,7 @@ def _train(cfg: Config) -> dict:
                     "model": bare.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None,
-                    "ema": ema.module.state_dict() if ema else None,
+                    "state_dict_ema": ema.module.state_dict() if ema else None,  # timm's name
                     "epoch": epoch,
                     "samples": samples,
                     "step": step,

@@ -113,7 +113,7 @@ def check_classes(model_classes: int, data_classes: int | None) -> None:
 
 
 def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Weights from a state_dict file or a checkpoint wrapping one (`dinat train`'s: `model`, `ema`);
+    """Weights from a state_dict file or a checkpoint wrapping one (`dinat train`'s: `model`, `state_dict_ema`);
     with ``use_ema`` the EMA weights, which must be there."""
     obj = read_checkpoint(path)
     if use_ema and not (isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in EMA_KEYS)):

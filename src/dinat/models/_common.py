@@ -16,6 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -302,9 +303,9 @@ class HierarchicalModel(ClassifierMixin, nn.Module):
             blocks=rf"^{name}\.(\d+)"
             if coarse
             else [
-                (rf"^{name}\.(\d+)\.downsample", (0,)),
                 (rf"^{name}\.(\d+)\.\w+\.(\d+)", None),
-                (r"^norm", (99999,)),
+                (rf"^{name}\.(\d+)\.downsample", MATCH_PREV_GROUP),  # it ends the stage: with its last block
+                (r"^norm", MATCH_PREV_GROUP),
             ],
         )
 

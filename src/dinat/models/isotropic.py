@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import Tensor, nn
 
 from ._common import (
@@ -158,7 +159,7 @@ class IsotropicModel(ClassifierMixin, nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm", MATCH_PREV_GROUP)])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -142,6 +142,16 @@ def test_unknown_key_is_a_clear_error_with_suggestions(tmp_path):
 def test_unknown_model_is_a_clear_error_with_suggestions():
     with pytest.raises(ConfigError, match=r"unknown model 'dinat_minni'.*'dinat_mini'"):
         make_config({"model": "dinat_minni"})
+    with pytest.raises(ConfigError, match=r"unknown pretrained weights 'dinat_large.in22'.*'dinat_large.in22k'"):
+        make_config({"model": "dinat_large.in22"})
+    make_config({"model": "dinat_large.in22k_ft_in1k"})
+
+
+def test_pretrained_weights_that_do_not_exist_are_a_clear_error(capsys):
+    from dinat.cli import main
+
+    assert main(["validate", "--model", "dinat_nano", "--pretrained", "--dataset", "digits"]) == 2
+    assert "dinat_nano has no pretrained weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

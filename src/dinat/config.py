@@ -127,14 +127,23 @@ def _suggest(word: str, choices, what: str) -> str:
     return f"unknown {what} {word!r}{hint}"
 
 
-def check_model_name(name: str) -> None:
-    """Raise ConfigError, naming close matches, when timm has no model called `name`."""
+def check_model_name(name: str, pretrained: bool = False) -> None:
+    """Raise ConfigError, naming close matches, when timm has no model called `name` (with its
+    `.tag`, if any), or, with ``pretrained``, no weights for it."""
     import timm
 
     import dinat  # noqa: F401  (registers the DiNAT family in timm)
 
     if not timm.is_model(name):
         raise ConfigError(_suggest(name, timm.list_models(), "model"))
+    arch = name.partition(".")[0]
+    weights = timm.list_pretrained(f"{arch}.*")
+    if "." in name and name not in weights:
+        raise ConfigError(
+            _suggest(name, weights, "pretrained weights") + f" (those of {arch}: {', '.join(weights) or 'none'})"
+        )
+    if pretrained and not weights:
+        raise ConfigError(f"{name} has no pretrained weights: train it, or start from --initial-checkpoint")
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -81,7 +81,7 @@ def create_model(
     take) is a ConfigError, weights that cannot be fetched a CheckpointError."""
     import dinat  # noqa: F401  (registers the models)
 
-    check_model_name(name)
+    check_model_name(name, pretrained)
     kwargs = {"pretrained": pretrained}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

@@ -122,6 +122,20 @@ def test_float32_matches_float64_reference() -> None:
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("size", "dilation"), [(14, 2), (15, 2)], ids=["whole-windows", "kernels"])
+def test_half_precision_computes_in_float32(dtype, size, dilation) -> None:
+    """float16 / bfloat16 on the CPU: the float32 result of the same (upcast) inputs, rounded once,
+    on both paths (whole-window groups and the C kernels)."""
+    q, k, v = (torch.randn(2, size, size, 2, 16).to(dtype) for _ in range(3))
+    rpb = torch.randn(2, 13, 13).to(dtype)
+    with use_backend("cpu"):
+        got = na2d(q, k, v, 7, dilation, rpb)
+        expected = na2d(q.float(), k.float(), v.float(), 7, dilation, rpb.float())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=0)
+
+
 def test_bfloat16_under_autocast() -> None:
     """bf16 inputs (as autocast's linear layers give) compute in float32 and come back bf16."""
     q, k, v = (torch.randn(2, 14, 14, 2, 16) for _ in range(3))
@@ -219,3 +233,24 @@ def test_custom_ops_pass_opcheck(name: str, args: tuple) -> None:
     """torch.library.opcheck: schema, autograd registration, and fake implementations that match the
     real outputs' shapes, dtypes and strides (what torch.compile relies on)."""
     torch.library.opcheck(getattr(torch.ops.dinat, name), args)
+
+
+@pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
+@pytest.mark.parametrize(("kernel", "width", "channels"), [((13, 11), 11, 33), ((7, 7), 9, 8)])
+def test_threads_never_write_into_each_others_slabs(kernel, width, channels) -> None:
+    """Threads own whole slabs (batch x heads): two threads give one thread's result bit for bit,
+    call after call. A vector store at a clamped right border once reached into the next slab and
+    lost the other thread's updates (about 1 call in 20 on 2 cores)."""
+    torch.manual_seed(0)
+    height = kernel[0]
+    p = torch.randn(2, height, kernel[0] * kernel[1], width, dtype=torch.float64)
+    a = torch.randn(2, channels, height, width, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = cpu.na_scatter(p, a, list(kernel), [1, 1])
+        torch.set_num_threads(2)
+        for _ in range(2000):
+            assert torch.equal(cpu.na_scatter(p, a, list(kernel), [1, 1]), expected)
+    finally:
+        torch.set_num_threads(threads)

@@ -323,7 +323,10 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     batch, height, width, heads, dim = q.shape
     if grouped.is_whole(height, width, kernel, dilation):
-        return grouped.attention(q, k, v, kernel, dilation, rpb, scale)
+        dtype = _compute_dtype(q)  # float16 / bfloat16 in float32, as in the kernels
+        q32, k32, v32 = (t.to(dtype) for t in (q, k, v))
+        bias = None if rpb is None else rpb.to(dtype)
+        return grouped.attention(q32, k32, v32, kernel, dilation, bias, scale).to(q.dtype)
     qc, kc, vc = (_channel_major(t, (0, 3, 4, 1, 2)) for t in (q, k, v))
     bias = None if rpb is None else rpb.to(qc.dtype)
     out, _ = na2d_fused(qc, kc, vc, bias, heads, scale, list(kernel), list(dilation))

@@ -195,6 +195,8 @@ def na2d(
     _check_extent(q.shape[1], q.shape[2], kernel, dil)
     _check_rpb(rpb, q.shape[3], kernel, q)
     if scale is None:
+        if q.shape[-1] == 0:
+            raise ValueError(f"q has head dim 0 (shape {tuple(q.shape)}): there is no default scale D ** -0.5")
         scale = q.shape[-1] ** -0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a float or None, got {scale!r}")

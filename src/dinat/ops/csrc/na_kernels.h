@@ -282,7 +282,10 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                                 VEC acc = {0};
                                 for (int64_t u = 0; u < ch->len; u++)
                                     acc += NAME(load)(pts + u * PTW + a * kw + b0) * val[s * CHANNEL_BLOCK + x][u];
-                                if (dw == 1) { /* contiguous keys: one vector update, lanes past kw add 0 */
+                                if (dw == 1 && colstart[ch->j0] + b0 + VL <= W) {
+                                    /* contiguous keys, all lanes inside the row: one vector update,
+                                     * lanes past kw add 0 (past the row, they would touch memory
+                                     * another thread may be updating: the next n's slab) */
                                     for (int64_t e = 0; e < VL; e++) acc[e] = b0 + e < kw ? acc[e] : (T)0;
                                     *(UVEC *)(o + x * HW + b0) += acc;
                                 } else {

@@ -16,6 +16,7 @@ $(STAMP): .venv/bin/python pyproject.toml setup.py src/dinat/ops/csrc/na_cpu.c s
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf output/demo
 	.venv/bin/dinat train --dataset digits -c configs/demo_digits.yml --output output/demo
 
 test: $(STAMP)

@@ -41,9 +41,16 @@ def test_bench_compile_flag(tmp_path, monkeypatch) -> None:
     assert len(compiled) == 2 and results["compile"] is True
 
 
-def test_bench_rejects_bad_arguments() -> None:
+def test_bench_rejects_bad_arguments(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--batch", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "foo"])
+    assert "--device must be cpu, cuda or cuda:N, got 'foo'" in capsys.readouterr().err
+    (tmp_path / "afile").touch()
+    with pytest.raises(SystemExit):  # before the benchmark runs, not after
+        bench.main(["--output", str(tmp_path / "afile")])
+    assert "is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--models", "dinat_nano@fast"])
     with pytest.raises(ConfigError, match="unknown model 'dinat_nanno'.*'dinat_nano'"):

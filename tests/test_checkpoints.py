@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import urllib.error
 
 import pytest
@@ -177,16 +178,27 @@ def test_save_checkpoint_atomic(tmp_path, monkeypatch) -> None:
     save_checkpoint({"w": torch.ones(3)}, tmp_path / "w.safetensors")
     assert load_state_dict(tmp_path / "w.safetensors")["w"].sum() == 3
 
-    def broken_save(obj, f):
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's private 0o600
+
+    def broken_save(obj, f):  # torch.save wraps a failed write (disk full) in a RuntimeError
         f.write(b"partial")
-        raise OSError("disk full")
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as error:
+            raise RuntimeError("unexpected pos 64 vs 0") from error
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=rf"could not write {path}: .*No space left on device; the previous file"):
         save_checkpoint({"a": torch.ones(2)}, path)
     monkeypatch.undo()
     assert torch.load(path)["a"].sum() == 0  # the old file is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pth"]  # no temporary left
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_alternative_url(monkeypatch, tmp_path) -> None:

@@ -204,6 +204,14 @@ def test_timm_names_are_accepted(key, value):
         ("mean", 0.5, r"mean must be three numbers \(R, G, B\), got 0.5"),
         ("std", [0.2, 0.0, 0.2], r"std must be > 0, got \(0.2, 0.0, 0.2\)"),
         ("batch_size", 5, r"batch_size must be even with mixup or cutmix \(timm mixes the batch in pairs\), got 5"),
+        ("lr", float("inf"), "lr must be finite, got inf"),
+        ("weight_decay", float("nan"), "weight_decay must be finite, got nan"),
+        ("amp", "false", "amp must be true or false, got 'false'"),  # a string: it would switch AMP on
+        ("model_ema", "off", "model_ema must be true or false, got 'off'"),
+        ("pretrained", 1, "pretrained must be true or false, got 1"),
+        ("sched", None, "sched must be a string, got None"),
+        ("output", 5, "output must be a string, got 5"),
+        ("model", 3, "model must be a string, got 3"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path, key, value, message):
@@ -213,6 +221,13 @@ def test_bad_values_are_clear_errors(tmp_path, key, value, message):
     config = tmp_path / "bad.yml"
     config.write_text(yaml.safe_dump({key: value}))
     with pytest.raises(ConfigError, match=message):
+        make_config(config_file=config)
+
+
+def test_malformed_yaml_is_a_clear_error(tmp_path):
+    config = tmp_path / "bad.yml"
+    config.write_text("{lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=f"{config} is not valid YAML: "):
         make_config(config_file=config)
 
 

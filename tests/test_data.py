@@ -71,6 +71,26 @@ def test_non_image_files_are_ignored_and_gray_rgba_converted(tmp_path):
         assert img.mode == "RGB" and target == 0
 
 
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+    """A 16-bit PNG (0..65535) maps onto 0..255; Pillow's own conversion clips it to white."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "ramp16.png")
+    img, _ = ImageFolder(tmp_path)[0]
+    levels = np.asarray(img)
+    assert img.mode == "RGB" and levels.min() == 0 and levels.max() == 255
+    np.testing.assert_allclose(levels[..., 0], ramp / 257.0, atol=0.5)
+
+
+def test_a_link_loop_in_a_class_folder_is_walked_once(tmp_path):
+    write_pngs(tmp_path, per_class=2, splits=("train",))
+    (tmp_path / "train" / "class_0" / "loop").symlink_to(tmp_path / "train" / "class_0")
+    (tmp_path / "train" / "class_0" / "elsewhere").symlink_to(tmp_path / "train" / "class_1")
+    ds = ImageFolder(tmp_path / "train")
+    assert [t for _, t in ds.samples] == [0, 0, 0, 0, 1, 1]  # class_1's images linked into class_0 count there
+
+
 def make_bad_images(folder):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -100,6 +120,12 @@ def test_skip_bad_images_warns_with_a_count(tmp_path):
     assert any("skipped 2 bad image(s) of 6" in m for m in messages)
     assert any("corrupt.png" in m for m in messages) and any("truncated.jpg" in m for m in messages)
     assert len(ds) == 4 and all(ds[i][0].mode == "RGB" for i in range(4))
+    for good in (tmp_path / "val").glob("class_*/*.png"):
+        good.unlink()
+    make_bad_images(tmp_path / "val" / "class_0")
+    (tmp_path / "val" / "class_1" / "corrupt.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"val: none of its 3 images can be read"), pytest.warns(UserWarning):
+        ImageFolder(tmp_path / "val", skip_bad_images=True)
 
 
 @pytest.mark.slow
@@ -148,6 +174,24 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
     assert torch.equal(torch.get_rng_state(), state), "augmenting must not move the global RNG"
     train_set.epoch = 1
     assert not torch.equal(train_set[3][0], first)
+
+
+def test_validate_numbers_classes_as_training_does(tmp_path, capsys):
+    """A validation folder without some class keeps the training folder's numbering (dinat train's)."""
+    from dinat.cli import main
+
+    write_pngs(tmp_path, classes=3, per_class=2)
+    for image in (tmp_path / "val" / "class_0").iterdir():
+        image.unlink()
+    (tmp_path / "val" / "class_0").rmdir()
+    ds, classes = build_eval_dataset(folder_config(tmp_path))
+    assert classes == 3 and sorted({t for _, t in ds.base.samples}) == [1, 2]
+    _, val_set, _ = build_datasets(folder_config(tmp_path))
+    assert ds.base.samples == val_set.base.samples
+    with pytest.raises(DataError, match="no data: give DATA_DIR"):
+        build_eval_dataset(folder_config(""))
+    assert main(["validate", "--model", MODEL, "--pretrained", "--dataset", "digts"]) == 2
+    assert "unknown dataset 'digts'; did you mean 'digits'?" in capsys.readouterr().err
 
 
 def test_validate_without_split_folders(tmp_path):

@@ -291,9 +291,33 @@ def test_best_checkpoints_by_eval_metric(tmp_path, eval_metric):
     for epoch, row in enumerate(rows, start=1):
         (tmp_path / "new.pth").write_text(f"epoch {epoch}")
         (tmp_path / "new.pth").replace(tmp_path / "last.pth")  # a new file each epoch, as save_atomic writes
-        best = train.keep_best(tmp_path, best, train.checkpoint_score(row, eval_metric), epoch, hist=2)
+        before, best = best, train.rank_best(best, train.checkpoint_score(row, eval_metric), epoch, hist=2)
+        train.keep_best(tmp_path, before, best, epoch)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pth")) == ["checkpoint-2.pth", "checkpoint-3.pth"]
     assert (tmp_path / "model_best.pth").read_text() == "epoch 2"
+
+
+def test_resumed_run_keeps_its_ranking_of_checkpoints(trained, tmp_path, capsys):
+    """last.pth carries the ranking that includes its own epoch: a resumed run keeps --checkpoint-hist
+    files and the best epoch's model_best.pth; a finished run has nothing to train."""
+    root, _, _ = trained
+    common = [str(root), *TINY, "--output", str(tmp_path), "--checkpoint-hist", "1", "--eval-metric", "loss"]
+
+    def best_so_far(ckpt: dict) -> list:
+        losses = [h["val_loss"] for h in ckpt["history"]]
+        return [(-min(losses), losses.index(min(losses)) + 1)]
+
+    train.main([*common, "--epochs", "2"])
+    ckpt = torch.load(tmp_path / "last.pth")
+    assert [tuple(b) for b in ckpt["best"]] == best_so_far(ckpt)
+    resume = ["--resume", str(tmp_path / "last.pth")]
+    assert cli_main(["train", *common, *resume, "--epochs", "2"]) == 2
+    assert "is at the end of its 2 epochs; raise --epochs (now 2, plus 0 of cooldown)" in capsys.readouterr().err
+    train.main([*common, *resume, "--epochs", "3", "--lr", "1.0"])  # a 3rd epoch that is worse
+    ckpt = torch.load(tmp_path / "last.pth")
+    (best,) = best_so_far(ckpt)
+    assert [p.name for p in tmp_path.glob("checkpoint-*.pth")] == [f"checkpoint-{best[1]}.pth"]
+    assert torch.load(tmp_path / "model_best.pth")["history"][-1]["epoch"] == best[1]
 
 
 def test_resume_from_the_wrong_file_is_a_clear_error(trained, tmp_path, capsys):
@@ -342,6 +366,23 @@ def test_resume_with_another_batch_size_or_more_epochs(trained, tmp_path):
         ]
     )
     assert (more["epoch"], more["step"]) == (3, 24)
+
+
+def test_output_folder_errors(trained, tmp_path, capsys):
+    """A new run never overwrites another run's checkpoints; paths that cannot be used are errors
+    before anything runs; an unknown command says so."""
+    root, out, _ = trained
+    common = [str(root), *TINY, "--epochs", "1"]
+    assert cli_main(["train", *common, "--output", str(out)]) == 2
+    assert f"{out} holds a run already: continue it with --resume {out / 'last.pth'}" in capsys.readouterr().err
+    (tmp_path / "afile").touch()
+    assert cli_main(["train", *common, "--output", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    val = ["validate", str(root), "--model", MODEL, "--checkpoint", str(out / "last.pth")]
+    assert cli_main([*val, "--results-file", str(tmp_path / "afile" / "r.json")]) == 2
+    assert "not a file path that can be written" in capsys.readouterr().err
+    assert cli_main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
 
 
 def test_image_size_an_isotropic_model_cannot_take(trained, tmp_path, capsys):

@@ -283,7 +283,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="op tensors' dtype; models run under autocast in it (CUDA)",
     )
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    try:
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    except RuntimeError:
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.output.exists() and not args.output.is_dir():
+        parser.error(f"--output {args.output} is a file, not a folder")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
     for name in args.models:

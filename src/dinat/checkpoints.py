@@ -237,9 +237,12 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
             if path.suffix == ".safetensors":
                 from safetensors.torch import save
 
@@ -251,9 +254,13 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = error if isinstance(error, OSError) else error.__cause__ or error.__context__
+        if isinstance(cause, OSError):  # disk full, permissions (torch.save wraps them in RuntimeError)
+            kept = "the previous file is kept" if path.exists() else "nothing was written"
+            raise CheckpointError(f"could not write {path}: {cause}; {kept}") from error
         raise
     return path
 

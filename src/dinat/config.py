@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -178,14 +179,23 @@ def _numbers(values: Any, count: int) -> bool:
 
 
 def _check_values(cfg: Config) -> None:
-    """Types and ranges of the numeric settings: a bad one is a ConfigError naming it and its value."""
+    """Types of every setting, ranges of the numeric ones: a bad one is a ConfigError naming it and
+    its value."""
     for f in fields(Config):
         value, kind = getattr(cfg, f.name), str(f.type)
-        if (value is None and "None" in kind) or "tuple" in kind or not ("int" in kind or "float" in kind):
+        if (value is None and "None" in kind) or "tuple" in kind:
+            continue
+        if kind in ("bool", "str"):
+            if type(value).__name__ != kind:  # YAML's "false" or "off" in quotes is a (true) string
+                raise ConfigError(
+                    f"{f.name} must be {'true or false' if kind == 'bool' else 'a string'}, got {value!r}"
+                )
             continue
         whole = "int" in kind
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
             raise ConfigError(f"{f.name} must be {'an integer' if whole else 'a number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be finite, got {value!r}")
         if f.name in _POSITIVE and not value > 0:
             raise ConfigError(f"{f.name} must be > 0, got {value!r}")
         if f.name in _NON_NEGATIVE and not value >= 0:
@@ -235,6 +245,22 @@ def _check_auto_augment(aa: str) -> None:
         ) from None
 
 
+TIMM_DATASET_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm.data.create_dataset's
+
+
+def _check_dataset(name: str) -> None:
+    """'' or 'folder' (image folders), 'digits', or a timm name with its source prefix: timm reads
+    any other name as a plain folder, so a misspelt one would silently train on DATA_DIR."""
+    prefix, sep, rest = name.partition("/")
+    if name in ("", "folder", "digits") or (sep and rest and prefix.lower() in TIMM_DATASET_PREFIXES):
+        return
+    known = ["folder", "digits", *(f"{p}/" for p in TIMM_DATASET_PREFIXES)]
+    raise ConfigError(
+        "dataset: " + _suggest(name, known, "dataset") + " ('' or 'folder': image folders; 'digits'; "
+        f"or a timm dataset behind one of the prefixes {', '.join(p + '/' for p in TIMM_DATASET_PREFIXES)})"
+    )
+
+
 def validate(cfg: Config, check_model: bool = True) -> Config:
     _check_values(cfg)
     for name in ("resume", "initial_checkpoint"):
@@ -248,6 +274,7 @@ def validate(cfg: Config, check_model: bool = True) -> Config:
         raise ConfigError(
             f"batch_size must be even with mixup or cutmix (timm mixes the batch in pairs), got {cfg.batch_size}"
         )
+    _check_dataset(cfg.dataset)
     _check_optimizer(cfg.opt)
     _check_auto_augment(cfg.aa)
     if check_model:
@@ -260,7 +287,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value")
     for key in data:

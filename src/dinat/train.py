@@ -194,21 +194,24 @@ def checkpoint_score(row: dict, eval_metric: str) -> float:
     return -value if eval_metric == "loss" else value
 
 
-def keep_best(out: Path, best: list[tuple[float, int]], score: float, epoch: int, hist: int) -> list:
-    """Link last.pth as checkpoint-EPOCH.pth if among the `hist` highest scores; model_best.pth =
-    the highest."""
-    best = sorted([*best, (score, epoch)], key=lambda t: (-t[0], t[1]))
-    for _, old in best[hist:]:
+def rank_best(best: list[tuple[float, int]], score: float, epoch: int, hist: int) -> list[tuple[float, int]]:
+    """The `hist` highest (score, epoch) pairs once ``epoch`` scored ``score`` (earlier epochs win ties)."""
+    return sorted([*best, (score, epoch)], key=lambda t: (-t[0], t[1]))[:hist]
+
+
+def keep_best(out: Path, before: list[tuple[float, int]], best: list[tuple[float, int]], epoch: int) -> None:
+    """Files for the ranking ``best`` (from :func:`rank_best`, ``before`` was the last one): last.pth
+    linked as checkpoint-EPOCH.pth if ``epoch`` is in it, model_best.pth = the first; checkpoints
+    that dropped out are deleted."""
+    for _, old in set(before) - set(best):
         (out / f"checkpoint-{old}.pth").unlink(missing_ok=True)
-    best = best[:hist]
-    if (score, epoch) in best:
+    if any(e == epoch for _, e in best):
         for name in (f"checkpoint-{epoch}.pth", "model_best.pth" if best[0][1] == epoch else None):
             if name:
                 tmp = out / f".{name}.tmp"
                 tmp.unlink(missing_ok=True)
                 os.link(out / "last.pth", tmp)
                 os.replace(tmp, out / name)
-    return best
 
 
 def max_rank_divergence(model: torch.nn.Module) -> float:
@@ -250,6 +253,12 @@ def _train(cfg: Config) -> dict:
     rank, world, device = init_distributed(cfg.device)
     main_process = rank == 0
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a folder")
+    if (out / "last.pth").exists() and not cfg.resume:  # never overwrite another run's checkpoints
+        raise ConfigError(
+            f"{out} holds a run already: continue it with --resume {out / 'last.pth'}, or pick another --output"
+        )
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
@@ -319,7 +328,8 @@ def _train(cfg: Config) -> dict:
     optimizer = create_optimizer_v2(
         groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)
     )
-    scheduler, num_epochs = create_scheduler_v2(
+    num_epochs = cfg.schedule_epochs()  # timm leaves the cooldown out of some schedules ('constant')
+    scheduler, _ = create_scheduler_v2(
         optimizer,
         sched={"linear": "poly"}.get(cfg.sched, cfg.sched),
         decay_rate=1.0,  # poly power 1
@@ -359,6 +369,11 @@ def _train(cfg: Config) -> dict:
         saved_batch = ckpt["config"]["batch_size"] * ckpt["world"]
         if saved_batch != total_batch:
             log(f"resuming with a total batch of {total_batch} instead of {saved_batch}: steps recounted")
+    if start_epoch >= num_epochs:
+        raise ConfigError(
+            f"nothing to train: {cfg.resume} is at the end of its {start_epoch} epochs; "
+            f"raise --epochs (now {cfg.epochs}, plus {cfg.cooldown_epochs} of cooldown) to train longer"
+        )
     step = start_epoch * steps_per_epoch + start_sample // total_batch
     if cfg.resume:
         log(f"resumed {cfg.resume}: epoch {start_epoch + 1}, sample {start_sample}, step {step}")
@@ -402,7 +417,7 @@ def _train(cfg: Config) -> dict:
         last_saved = str(out / "last.pth")
 
     # -- the loop ---------------------------------------------------------------------------------
-    finished, mid_epoch, row = False, False, history[-1] if history else None
+    finished, mid_epoch = False, False
     for epoch in range(start_epoch, num_epochs):
         sampler.start = start_sample
         loader = train_loader(train_set, sampler, cfg, epoch, pin)
@@ -492,9 +507,10 @@ def _train(cfg: Config) -> dict:
         history.append(row)
         if cfg.sched_epochwise:
             scheduler.step(epoch + 1)
-        save(epoch + 1, 0, loss_sum.new_zeros(()), 0)
+        before, best = best, rank_best(best, checkpoint_score(row, cfg.eval_metric), epoch + 1, cfg.checkpoint_hist)
+        save(epoch + 1, 0, loss_sum.new_zeros(()), 0)  # with the ranking that includes this epoch
         if main_process:
-            best = keep_best(out, best, checkpoint_score(row, cfg.eval_metric), epoch + 1, cfg.checkpoint_hist)
+            keep_best(out, before, best, epoch + 1)
             write_history(history, out)
         log(
             f"epoch {epoch + 1}/{num_epochs}  train loss {row['train_loss']:.4f}  "
@@ -505,8 +521,6 @@ def _train(cfg: Config) -> dict:
             break
 
     # -- the end ---------------------------------------------------------------------------------
-    if row is None:
-        raise ConfigError(f"nothing to train: {cfg.resume} is at the end of its {num_epochs} epochs")
     summary = {
         **row,
         "best_top1": max([h["val_top1"] for h in history], default=row["val_top1"]),

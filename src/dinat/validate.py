@@ -196,6 +196,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--use-ema", action="store_true", help="the EMA weights of a training checkpoint")
     p.add_argument("--dataset", default="", help="'' (folders), digits, or a timm dataset name")
     p.add_argument("--split", default="", help="validation split name (default: val or validation)")
+    p.add_argument("--train-split", default="train", help="the training folder, whose classes number the labels")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be read")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--crop-pct", type=float, default=0.875)
@@ -217,8 +219,10 @@ def main(argv=None) -> dict:
     from .data import build_eval_dataset, eval_loader
 
     args = build_parser().parse_args(argv)
+    if args.results_file and (Path(args.results_file).is_dir() or Path(args.results_file).parent.is_file()):
+        raise ConfigError(f"--results-file {args.results_file}: not a file path that can be written")
     shared = ("model", "data_dir", "dataset", "img_size", "crop_pct", "interpolation", "batch_size", "workers")
-    shared += ("threads", "num_classes")  # not used through cfg: checked there
+    shared += ("threads", "num_classes", "train_split", "skip_bad_images")  # some not used through cfg: checked there
     cfg = make_config({**{k: getattr(args, k) for k in shared}, "val_split": args.split})
     dataset, data_classes = build_eval_dataset(cfg)
     device = pick_device(args.device)

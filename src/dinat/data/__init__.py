@@ -20,7 +20,7 @@ from timm.data import auto_augment, create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .digits import Digits
-from .folder import DataError, ImageFolder, find_split, load_rgb
+from .folder import DataError, ImageFolder, class_folders, find_split, load_rgb
 
 __all__ = [
     "DataError",
@@ -119,6 +119,8 @@ class Transformed(Dataset):
 
 
 def _timm_dataset(cfg, split: str, is_training: bool):
+    if not cfg.data_dir:
+        raise DataError(f"no data: give DATA_DIR, the folder that holds {cfg.dataset} (nothing is downloaded)")
     try:
         ds = create_dataset(
             cfg.dataset,
@@ -143,8 +145,14 @@ def _num_classes(ds) -> int | None:
     return None
 
 
+def _data_root(cfg) -> Path:
+    if not cfg.data_dir:
+        raise DataError("no data: give DATA_DIR (with train/ and val/ folders) or --dataset digits")
+    return Path(cfg.data_dir)
+
+
 def _folder_splits(cfg):
-    root = Path(cfg.data_dir)
+    root = _data_root(cfg)
     train = ImageFolder(find_split(root, (cfg.train_split,)), skip_bad_images=cfg.skip_bad_images)
     val_dir = find_split(root, (cfg.val_split,) if cfg.val_split else VAL_NAMES)
     val = ImageFolder(val_dir, classes=train.classes, skip_bad_images=cfg.skip_bad_images)
@@ -156,8 +164,6 @@ def build_datasets(cfg):
     if cfg.dataset == "digits":
         train, val, num_classes = Digits(cfg.train_split), Digits(cfg.val_split or "val"), 10
     elif cfg.dataset in ("", "folder"):
-        if not cfg.data_dir:
-            raise DataError("no data: give DATA_DIR (with train/ and val/ folders) or --dataset digits")
         train, val, num_classes = _folder_splits(cfg)
     else:
         train = _timm_dataset(cfg, cfg.train_split, True)
@@ -171,18 +177,22 @@ def build_datasets(cfg):
 
 
 def build_eval_dataset(cfg):
-    """The validation set alone (for `dinat validate`): DATA_DIR/val, DATA_DIR/validation or DATA_DIR."""
+    """The validation set alone (for `dinat validate`): DATA_DIR/val, DATA_DIR/validation or DATA_DIR.
+    Classes are numbered as `dinat train` numbers them: by the training folder's classes when it is
+    there (a validation folder may lack some), else by the folder's own."""
     if cfg.dataset == "digits":
         return Transformed(Digits(cfg.val_split or "val"), eval_transform(cfg)), 10
     if cfg.dataset not in ("", "folder"):
         ds = _timm_dataset(cfg, cfg.val_split or "validation", False)
         return Transformed(ds, eval_transform(cfg)), _num_classes(ds)
-    root = Path(cfg.data_dir)
+    root = _data_root(cfg)
     if cfg.val_split:  # asked for: it must be there
         folder = find_split(root, (cfg.val_split,))
     else:  # val/, validation/, or the class folders themselves
         folder = next((root / n for n in VAL_NAMES if (root / n).is_dir()), root)
-    ds = ImageFolder(folder, skip_bad_images=cfg.skip_bad_images)
+    train = root / cfg.train_split
+    classes = class_folders(train) if folder != root and train.is_dir() else None
+    ds = ImageFolder(folder, classes=classes, skip_bad_images=cfg.skip_bad_images)
     return Transformed(ds, eval_transform(cfg)), len(ds.classes)
 
 

@@ -7,6 +7,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -18,12 +19,15 @@ class DataError(ValueError):
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Read an image fully and convert it to RGB (grayscale, palette, RGBA, CMYK all work)."""
+    """Read an image fully and convert it to RGB (grayscale of 8 or 16 bits, palette, RGBA, CMYK)."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here
             if img.mode == "P":
                 img = img.convert("RGBA")
+            elif img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale: Pillow would clip at 255
+                levels = np.asarray(img, dtype=np.float64) / 257.0
+                img = Image.fromarray(np.clip(levels.round(), 0, 255).astype(np.uint8))
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e} (use --skip-bad-images to skip such files)") from e
@@ -39,9 +43,12 @@ def _is_readable(path: str) -> bool:
 
 def list_images(folder: Path) -> list[str]:
     """Image files under `folder` (recursively, sorted); other files are ignored."""
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        seen.add(os.path.realpath(dirpath))  # a link back up (a loop) is walked once
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen
+        )
         found += [
             os.path.join(dirpath, f)
             for f in sorted(filenames)
@@ -62,9 +69,7 @@ class ImageFolder(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data directory not found: {self.root}")
-        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not found:
-            raise DataError(f"{self.root} has no class folders (expected one subfolder of images per class)")
+        found = class_folders(self.root)
         self.classes = list(classes) if classes is not None else found
         index = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in found if name not in index]
@@ -92,6 +97,8 @@ class ImageFolder(Dataset):
                 f"{self.root}: skipped {len(self.skipped)} bad image(s) of {len(self.skipped) + len(self.samples)}",
                 stacklevel=2,
             )
+        if not self.samples:
+            raise DataError(f"{self.root}: none of its {len(self.skipped)} images can be read")
 
     @property
     def targets(self) -> list[int]:
@@ -103,6 +110,14 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int):
         path, target = self.samples[i]
         return load_rgb(path), target
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names of an image folder: its subfolders, sorted (hidden ones left out)."""
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"{root} has no class folders (expected one subfolder of images per class)")
+    return found
 
 
 def find_split(root: str | Path, names: tuple[str, ...]) -> Path:

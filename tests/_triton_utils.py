@@ -52,7 +52,7 @@ def run_interpreted(test_file: str, deselect: str = "") -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     env.pop("PYTEST_XDIST_WORKER", None)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test_file]
-    command += ["-k", "not in_triton_interpreter" + (f" and not {deselect}" if deselect else "")]
+    command += ["-k", "not in_triton_interpreter" + (f" and not ({deselect})" if deselect else "")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(test_file).parent.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]

@@ -5,6 +5,8 @@ there half precision means float16 only.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ HALF_DTYPES = [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch
 
 @needs_interpreter_run
 def test_in_triton_interpreter() -> None:
-    run_interpreted(__file__, deselect="compile_for_gpus")
+    run_interpreted(__file__, deselect="compile_for_gpus or shared_memory")
 
 
 @pytest.mark.skipif(
@@ -62,6 +64,34 @@ def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> No
 def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
     """Every configuration the autotuner may pick compiles for H100 (DiNAT's 7x7, head dim 32)."""
     _assert_compiles(90, dtype, (7, 7), 32, True, tile)
+
+
+@pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
+@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float32, 256), (torch.float32, 128), (torch.float16, 256)])
+def test_the_widest_heads_fit_the_shared_memory_of_an_a100(dtype, head_dim) -> None:
+    """Triton checks shared memory only at launch. At tile 16 every fused kernel fits an A100's
+    163 KB per block (float32 at head dim 256 did not with 3 pipeline stages: 170 KB), and float32
+    over head dim 128 within what `unavailable_reason` asks of a device."""
+    compiled = triton_na.compile_for_cuda(80, dtype, (7, 7), head_dim, True)
+    limit = triton_na._WIDE_FP32_SHARED_BYTES if triton_na._is_wide_fp32(dtype, head_dim) else 166912
+    for name in ("forward", "query", "key"):
+        assert compiled[name].metadata.shared <= limit, name
+
+
+@pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="device properties of a CUDA tensor")
+def test_wide_float32_heads_go_elsewhere_on_gpus_with_less_shared_memory(monkeypatch) -> None:
+    """An RTX 30xx/40xx has 99 KB of shared memory per block: float32 over head dim 128 is not for it."""
+    gpu = lambda dtype, dim: SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 9, 9, 2, dim))  # noqa: E731
+    for name, shared, ok in (("NVIDIA A100", 166912, True), ("NVIDIA GeForce RTX 4090", 101376, False)):
+        properties = SimpleNamespace(name=name, shared_memory_per_block_optin=shared)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=properties: p)
+        reason = triton_na.unavailable_reason(gpu(torch.float32, 129))
+        assert (reason == "") == ok and (ok or f"needs 102656 bytes of shared memory per block; {name} has" in reason)
+        assert triton_na.unavailable_reason(gpu(torch.float32, 128)) == ""
+        assert triton_na.unavailable_reason(gpu(torch.bfloat16, 256)) == ""
 
 
 def _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, tile) -> None:

@@ -28,6 +28,12 @@ from . import grouped, primitives, reference
 Pair = tuple[int, int]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
+# float32 at head dims over 128 (padded to 256): Triton's default 3 pipeline stages ask the backward
+# kernels for 170 KB of shared memory per program, over an A100's 163 KB; 2 stages ask 102656 bytes
+# at tile 16 (ptxas, sm_80 and sm_86), more than consumer GPUs (99 KB) have: those use `flex`.
+_WIDE_FP32_HEAD_DIM = 128
+_WIDE_FP32_STAGES = 2
+_WIDE_FP32_SHARED_BYTES = 102656
 # (tile, num_warps) of the fused kernels: the tile is the query places per program (forward, dq) or
 # the key places per program (dk, dv). Per query and key row a program computes as many logits as the
 # tile's key span (32 at tile 16 with kw=7, 64 at 32): larger tiles mean fewer programs and more
@@ -68,7 +74,19 @@ def unavailable_reason(x: Tensor | None = None) -> str:
         return f"the triton backend supports float32, float16 and bfloat16, got {x.dtype}"
     if x.shape[-1] > _MAX_HEAD_DIM:
         return f"the triton backend supports head dims up to {_MAX_HEAD_DIM}, got {x.shape[-1]}"
+    if _is_wide_fp32(x.dtype, x.shape[-1]) and not _INTERPRETING:
+        props = torch.cuda.get_device_properties(x.device)
+        shared = getattr(props, "shared_memory_per_block_optin", 0)
+        if shared < _WIDE_FP32_SHARED_BYTES:
+            return (
+                f"float32 at head dim {x.shape[-1]} needs {_WIDE_FP32_SHARED_BYTES} bytes of shared memory per "
+                f"block; {props.name} has {shared}"
+            )
     return ""
+
+
+def _is_wide_fp32(dtype: torch.dtype, head_dim: int) -> bool:
+    return dtype == torch.float32 and head_dim > _WIDE_FP32_HEAD_DIM
 
 
 def available(x: Tensor | None = None) -> bool:
@@ -135,14 +153,16 @@ def _wall_clock(kernel_call, quantiles) -> list[float]:
     return [time.perf_counter() - start] * len(quantiles)
 
 
-def _fused_kernel(name: str):
-    """Fused kernel ``name`` ('forward', 'query' or 'key') under Triton's autotuner over
-    :func:`_tile_configs`, with the other block size derived from the tuned one."""
-    return _autotuned_kernel(name, _tile_configs())
+def _fused_kernel(name: str, dtype: torch.dtype, head_dim: int):
+    """Fused kernel ``name`` ('forward', 'query' or 'key') for tensors of ``dtype`` and ``head_dim``
+    under Triton's autotuner over :func:`_tile_configs`, with the other block size derived from the
+    tuned one."""
+    stages = _WIDE_FP32_STAGES if _is_wide_fp32(dtype, head_dim) else None  # None: Triton's default
+    return _autotuned_kernel(name, _tile_configs(), stages)
 
 
 @functools.cache
-def _autotuned_kernel(name: str, configs: tuple[Pair, ...]):
+def _autotuned_kernel(name: str, configs: tuple[Pair, ...], num_stages: int | None = None):
     import triton
 
     from . import triton_kernels
@@ -153,7 +173,10 @@ def _autotuned_kernel(name: str, configs: tuple[Pair, ...]):
         getattr(triton_kernels, _FUSED_KERNELS[name])
     )
     return triton.autotune(
-        [triton.Config({tuned: tile}, num_warps=warps) for tile, warps in configs],
+        [
+            triton.Config({tuned: tile}, num_warps=warps, **({"num_stages": num_stages} if num_stages else {}))
+            for tile, warps in configs
+        ],
         key=_AUTOTUNE_KEY,
         reset_to_zero=["DRPB"] if name == "query" else None,  # the slots a tile leaves unwritten are summed
         **({"do_bench": _wall_clock} if _INTERPRETING else {}),  # older Triton has no do_bench argument
@@ -167,11 +190,12 @@ def autotuned() -> list[dict]:
         return []
     picks = []
     for name in _FUSED_KERNELS:
-        for key, config in _fused_kernel(name).cache.items():
-            (tile,) = config.kwargs.values()
-            shape = dict(zip(_AUTOTUNE_KEY, key))
-            picks.append({"kernel": name, **shape, "dtype": key[len(_AUTOTUNE_KEY)], "tile": tile,
-                          "num_warps": config.num_warps})  # fmt: skip
+        for stages in (None, _WIDE_FP32_STAGES):
+            for key, config in _autotuned_kernel(name, _tile_configs(), stages).cache.items():
+                (tile,) = config.kwargs.values()
+                shape = dict(zip(_AUTOTUNE_KEY, key))
+                picks.append({"kernel": name, **shape, "dtype": key[len(_AUTOTUNE_KEY)], "tile": tile,
+                              "num_warps": config.num_warps})  # fmt: skip
     return picks
 
 
@@ -200,10 +224,12 @@ def compile_for_cuda(
         ("delta", triton_kernels.na2d_delta_kernel),
     ):
         constexprs = _constexprs(name, dtype, kernel, head_dim, has_rpb)
-        warps = _WARPS
+        options = {"num_warps": _WARPS}
         if name in _FUSED_KERNELS:
             constexprs.update(_tile_sizes(name == "key", tile[0], kernel[1]))
-            warps = tile[1]
+            options["num_warps"] = tile[1]
+            if _is_wide_fp32(dtype, head_dim):
+                options["num_stages"] = _WIDE_FP32_STAGES
         signature = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -213,7 +239,7 @@ def compile_for_cuda(
             else:
                 signature[arg] = "fp32" if arg.startswith("scale") else "i32"
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        compiled[name] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     return compiled
 
 
@@ -262,7 +288,7 @@ def na2d_triton(
     lse = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
     with _device_of(q):
-        _fused_kernel("forward")[_tuned_grid(q, dilation[1], "BLOCK_M")](
+        _fused_kernel("forward", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_M")](
             q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
             heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
             **_constexprs("forward", q.dtype, kernel, dim, rpb is not None),
@@ -317,11 +343,11 @@ def na2d_triton_backward(
             grad_out, out, delta, *_strides(grad_out, out), heads, height, width, dim,
             **_constexprs("delta", q.dtype, kernel, dim), num_warps=_WARPS,
         )  # fmt: skip
-        _fused_kernel("query")[_tuned_grid(q, dilation[1], "BLOCK_M")](
+        _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_M")](
             q, k, v, bias, grad_out, lse, delta, grad_q, partial, *strides, slots, *shape_args,
             **_constexprs("query", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
-        _fused_kernel("key")[_tuned_grid(q, dilation[1], "BLOCK_N")](
+        _fused_kernel("key", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_N")](
             q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, *shape_args,
             **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip

@@ -278,10 +278,17 @@ def test_compile_flag_compiles_the_model(trained, tmp_path, monkeypatch):
     assert len(compiled) == 2, compiled  # once in train, once in validate
 
 
+@pytest.mark.parametrize("hard_links", [True, False], ids=["links", "copies"])
 @pytest.mark.parametrize("eval_metric", ["top1", "loss"])
-def test_best_checkpoints_by_eval_metric(tmp_path, eval_metric):
+def test_best_checkpoints_by_eval_metric(tmp_path, monkeypatch, eval_metric, hard_links):
     """checkpoint-E.pth for the best `hist` epochs and model_best.pth for the best one: the highest
     top-1, or the lowest loss."""
+    if not hard_links:  # a file system without them: copies
+
+        def no_link(*args):
+            raise PermissionError("hard links are not supported here")
+
+        monkeypatch.setattr(os, "link", no_link)
     rows = [
         {"val_top1": 60.0, "val_loss": 0.9},
         {"val_top1": 80.0, "val_loss": 0.5},

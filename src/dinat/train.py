@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -210,7 +211,10 @@ def keep_best(out: Path, before: list[tuple[float, int]], best: list[tuple[float
             if name:
                 tmp = out / f".{name}.tmp"
                 tmp.unlink(missing_ok=True)
-                os.link(out / "last.pth", tmp)
+                try:
+                    os.link(out / "last.pth", tmp)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(out / "last.pth", tmp)
                 os.replace(tmp, out / name)
 
 

@@ -8,7 +8,7 @@ import torch
 
 import dinat
 from dinat.flops import count, main_table
-from dinat.ops import use_backend
+from dinat.ops import flex, use_backend
 
 # name, input size, SPEC params (M), SPEC GFLOPs
 SPEC = [
@@ -58,6 +58,9 @@ def test_real_model_and_backend_independent() -> None:
     expected = count(meta)
     with use_backend("reference"):
         assert count(model) == expected
+    if flex.available(torch.empty(0)):  # flex cannot run under the FLOP counter: the count does not use it
+        with use_backend("flex"):
+            assert count(model, (3, 64, 64)) == count(meta, (3, 64, 64))
     assert count(model) == expected
     assert model.training  # restored
 

@@ -200,21 +200,35 @@ def test_double_backward_on_cpu():
 
 
 @needs_cpu_flex
-def test_torch_compile_without_graph_breaks():
-    """A user's torch.compile(fullgraph=True) traces the flex path, plan lookup included."""
-    kernel, dil = (5, 5), (2, 3)
+@pytest.mark.parametrize(("dil", "factor"), [((2, 3), 2.0), ((1, 1), None)], ids=["dilated", "undilated"])
+def test_torch_compile_without_graph_breaks(dil, factor):
+    """A user's torch.compile(fullgraph=True) traces the flex path, plan lookup included. Undilated
+    (no reordering), inductor once got a view it cannot lower on the CPU; there it cannot yet fuse
+    an elementwise op into flex's output either (a PyTorch limitation), hence no factor."""
+    kernel = (5, 5)
     q, k, v, rpb = _inputs(kernel, True)
+    scaled = (lambda x: x * factor) if factor else (lambda x: x)  # noqa: E731
 
     def attention(q, k, v, rpb):
-        return na2d(q, k, v, kernel, dil, rpb, scale=0.3) * 2.0
+        return scaled(na2d(q, k, v, kernel, dil, rpb, scale=0.3))
 
     torch._dynamo.reset()
     compiled = torch.compile(attention, fullgraph=True)
     with use_backend("flex"), torch.no_grad():
         out = compiled(q, k, v, rpb)
         again = compiled(q + 1, k, v, rpb)
-    torch.testing.assert_close(out, reference.na2d(q, k, v, kernel, dil, rpb, 0.3) * 2.0, **TOL)
-    torch.testing.assert_close(again, reference.na2d(q + 1, k, v, kernel, dil, rpb, 0.3) * 2.0, **TOL)
+    torch.testing.assert_close(out, scaled(reference.na2d(q, k, v, kernel, dil, rpb, 0.3)), **TOL)
+    torch.testing.assert_close(again, scaled(reference.na2d(q + 1, k, v, kernel, dil, rpb, 0.3)), **TOL)
+
+
+@needs_cpu_flex
+def test_plan_cache_is_bounded(monkeypatch):
+    """Every input size builds a plan (index table, block mask): the oldest go past _MAX_PLANS."""
+    monkeypatch.setattr(flex, "_plans", {})
+    monkeypatch.setattr(flex, "_MAX_PLANS", 3)
+    for height in range(9, 14):
+        flex._plan(height, 9, (3, 3), (1, 1), torch.device("cpu"))
+    assert [key[0] for key in flex._plans] == [11, 12, 13]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import NeighborhoodAttention2D
 from .models.isotropic import RelPosSelfAttention
+from .ops import use_backend
 
 ATTENTION_TYPES = (NeighborhoodAttention2D, RelPosSelfAttention)
 
@@ -86,7 +87,8 @@ def count(
     model.eval()
     try:
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
+        # the attention is counted by hand; the reference runs under FlopCounterMode anywhere (flex cannot)
+        with counter, torch.no_grad(), use_backend("reference"):
             model(torch.zeros(1, *input_size, device=device, dtype=dtype))
     finally:
         model.train(was_training)

@@ -249,7 +249,8 @@ def _build_plan(
     return _Plan(table, perm, inverse, block_mask)
 
 
-_plans: dict[tuple, _Plan] = {}
+_plans: dict[tuple, _Plan] = {}  # in insertion order
+_MAX_PLANS = 32  # map geometries kept (each holds an index table and a block mask on its device)
 
 
 def _plan(height: int, width: int, kernel: Pair, dil: Pair, device: torch.device) -> _Plan:
@@ -257,6 +258,8 @@ def _plan(height: int, width: int, kernel: Pair, dil: Pair, device: torch.device
     plan = _plans.get(key)
     if plan is None:  # two threads may both build it: harmless, the second result wins
         plan = _plans[key] = _build_plan(height, width, kernel, dil, device)
+        while len(_plans) > _MAX_PLANS:  # the oldest goes (many input sizes: detection, segmentation)
+            _plans.pop(next(iter(_plans)))
     return plan
 
 
@@ -313,7 +316,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dil: Pair, rpb: Tens
         x = x.reshape(batch, height * width, heads, dim)
         if plan.perm is not None:
             x = x.index_select(1, plan.perm)
-        return x.transpose(1, 2)
+        x = x.transpose(1, 2)
+        # inductor's CPU lowering of flex_attention inside a caller's graph takes no views
+        return x.contiguous() if torch.compiler.is_compiling() else x
 
     out = _run_attend(to_flex(q), to_flex(k), to_flex(v), plan.table, plan.block_mask, rpb, scale)
     out = out.transpose(1, 2)

@@ -89,6 +89,11 @@ def _is_wide_fp32(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype == torch.float32 and head_dim > _WIDE_FP32_HEAD_DIM
 
 
+def _pipeline_stages(dtype: torch.dtype, head_dim: int) -> int | None:
+    """The fused kernels' software-pipeline stages: Triton's default (None) but for wide float32."""
+    return _WIDE_FP32_STAGES if _is_wide_fp32(dtype, head_dim) else None
+
+
 def available(x: Tensor | None = None) -> bool:
     return not unavailable_reason(x)
 
@@ -157,8 +162,7 @@ def _fused_kernel(name: str, dtype: torch.dtype, head_dim: int):
     """Fused kernel ``name`` ('forward', 'query' or 'key') for tensors of ``dtype`` and ``head_dim``
     under Triton's autotuner over :func:`_tile_configs`, with the other block size derived from the
     tuned one."""
-    stages = _WIDE_FP32_STAGES if _is_wide_fp32(dtype, head_dim) else None  # None: Triton's default
-    return _autotuned_kernel(name, _tile_configs(), stages)
+    return _autotuned_kernel(name, _tile_configs(), _pipeline_stages(dtype, head_dim))
 
 
 @functools.cache
@@ -228,8 +232,8 @@ def compile_for_cuda(
         if name in _FUSED_KERNELS:
             constexprs.update(_tile_sizes(name == "key", tile[0], kernel[1]))
             options["num_warps"] = tile[1]
-            if _is_wide_fp32(dtype, head_dim):
-                options["num_stages"] = _WIDE_FP32_STAGES
+            if stages := _pipeline_stages(dtype, head_dim):
+                options["num_stages"] = stages
         signature = {}
         for arg in fn.arg_names:
             if arg in constexprs:

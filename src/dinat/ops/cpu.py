@@ -97,10 +97,10 @@ def _launch(name: str, operands: tuple, out: Tensor, features: Tensor, kernel, d
     )  # fmt: skip
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = False) -> Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A contiguous tensor followed by the slack the kernels may read past its end."""
     numel = math.prod(shape)
-    buffer = (torch.zeros if zero else torch.empty)(numel + _SLACK, dtype=dtype)
+    buffer = torch.empty(numel + _SLACK, dtype=dtype)
     return buffer[:numel].view(shape)
 
 
@@ -141,7 +141,7 @@ def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]
 def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, kh*kw, W) x (N, C, H, W) -> (N, C, H, W): each key gathers p * a from its queries."""
     p, a = _operand(p), _operand(a)
-    out = _empty(tuple(a.shape), a.dtype, zero=True)
+    out = _empty(tuple(a.shape), a.dtype)
     _launch("na_scatter", (p, a), out, a, kernel, dilation)
     return out
 

@@ -35,7 +35,6 @@
 typedef struct {
     int64_t j0;    /* first query column of the chunk */
     int64_t len;   /* queries in the chunk, 1..VL */
-    int64_t first; /* lanes before this one repeat the previous chunk (overlapping tail) */
     int64_t shift; /* 1: the key column advances with the query; 0: all lanes share it */
 } chunk_t;
 
@@ -53,15 +52,13 @@ static int64_t make_chunks(const int64_t *colstart, int64_t W, chunk_t *chunks) 
                 while (j + len < W && colstart[j + len] - colstart[j + len - 1] == step) len++;
             }
         }
-        for (int64_t done = 0; done < len;) {
-            chunk_t ch = {j + done, len - done < VL ? len - done : VL, 0, shift};
-            if (shift && len >= VL && len - done < VL) {
+        for (int64_t done = 0; done < len; done += VL) {
+            chunk_t ch = {j + done, len - done < VL ? len - done : VL, shift};
+            if (shift && len >= VL && len - done < VL) { /* lanes before j + done are recomputed */
                 ch.j0 = j + len - VL;
                 ch.len = VL;
-                ch.first = VL - (len - done);
             }
             chunks[count++] = ch;
-            done += VL - ch.first;
         }
         j += len;
     }

@@ -197,114 +197,135 @@ void NAME(na_weighted_sum)(const T *P, const T *B, T *out, GEOMETRY_ARGS) {
     free(chunks);
 }
 
-/* out must be zero-filled by the caller. Each n is owned by one thread.
+/* The keys' gradient (dk from dS and q, dv from P and dO), key row by key row: each output element
+ * is written once, by the thread that owns its n (out needs no zero fill).
  *
- * Queries whose neighborhood is not clamped ("regular": colstart[j] == j - r*dw) are summed as a
- * gather over keys: key k receives neighbor b of query k + (r - b)*dw, read from zero-padded row
- * copies, so a chunk of keys accumulates in registers and is written once. The few clamped border
- * queries are then scattered with read-modify-writes, one query row sweep per neighbor so that
- * consecutive writes never overlap (overlap would stall store-to-load forwarding). */
+ * Columns are regrouped by dilation group, column j at position pos(j) = (j % dw) * S + j / dw with
+ * at least r = kw/2 zeros between groups, so that every neighborhood is undilated. Queries whose
+ * window is not clamped ("regular") are summed as a gather over keys: key position p receives
+ * neighbor b of the query at p + r - b, read from zero-padded copies of the slab's rows (clamped
+ * queries zeroed), so a chunk of keys accumulates in registers over every query row that sees its
+ * key row. Clamped queries come in groups sharing one window (the first or last of their dilation
+ * group): a group's contribution to its kw keys is summed with the neighbors b in the vector lanes
+ * and added to the key row once. */
 void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
-    const int64_t HW = H * W, KK = kh * kw, CB = (C + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
-    const int64_t R = (kw / 2) * dw, WP = W + 2 * R + VL; /* padded row: R zeros, W, R + VL zeros */
-    const int64_t PTW = KK + VL;                          /* a border query's weights, plus slack */
-    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)W);
-    const int64_t nchunks = make_chunks(colstart, W, chunks);
-    char *regular = malloc((size_t)W);
-    char *clamped_chunk = calloc((size_t)nchunks, 1);
-    for (int64_t j = 0; j < W; j++) regular[j] = colstart[j] == j - R;
-    for (int64_t s = 0; s < nchunks; s++)
-        for (int64_t u = chunks[s].first; u < chunks[s].len; u++)
-            if (!regular[chunks[s].j0 + u]) clamped_chunk[s] = 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        T *apad = calloc((size_t)(CHANNEL_BLOCK * WP), sizeof(T));
-        T *ppad = calloc((size_t)(KK * WP), sizeof(T));
-        VEC *val = NAME(alloc_vectors)(nchunks * CHANNEL_BLOCK);
-        T *pt = calloc((size_t)(nchunks * VL * PTW), sizeof(T)); /* border weights, query-major */
-        for (int64_t i = 0; i < H; i++) {
-            const T *Pi = P + (n * H + i) * KK * W;
-            for (int64_t s = 0; s < nchunks; s++)
-                if (clamped_chunk[s] && !chunks[s].shift)
-                    for (int64_t u = 0; u < chunks[s].len; u++)
-                        for (int64_t ab = 0; ab < KK; ab++) pt[(s * VL + u) * PTW + ab] = Pi[ab * W + chunks[s].j0 + u];
-            for (int64_t ab = 0; ab < KK; ab++) memcpy(ppad + ab * WP + R, Pi + ab * W, sizeof(T) * (size_t)W);
-            for (int64_t cb = 0; cb < CB; cb++) {
-                const int64_t c0 = cb * CHANNEL_BLOCK, nc = C - c0 < CHANNEL_BLOCK ? C - c0 : CHANNEL_BLOCK;
-                for (int64_t x = 0; x < nc; x++) {
-                    const T *Ai = A + (n * C + c0 + x) * HW + i * W;
-                    for (int64_t j = 0; j < W; j++) apad[x * WP + R + j] = regular[j] ? Ai[j] : (T)0;
-                    for (int64_t s = 0; s < nchunks; s++) {
-                        if (!clamped_chunk[s]) continue;
-                        VEC v = NAME(load)(Ai + chunks[s].j0);
-                        for (int64_t u = 0; u < VL; u++)
-                            if (u < chunks[s].first || u >= chunks[s].len || regular[chunks[s].j0 + u]) v[u] = 0;
-                        val[s * CHANNEL_BLOCK + x] = v;
+    const int64_t HW = H * W, KK = kh * kw, r = kw / 2;
+    const int64_t S = (W + dw - 1) / dw + r;                 /* a dilation group and the zeros after it */
+    const int64_t NV = ((dw - 1) * S + (W - 1) / dw + VL) / VL; /* vectors that cover every key */
+    const int64_t WP = NV * VL + 2 * r;                     /* padded row: r zeros, keys, r zeros */
+    const int64_t RV = NV + 1;                              /* vectors per key row buffer (slack) */
+    /* a clamped query's weights, rows padded with zeros to whole vectors: lanes past kw add 0 */
+    const int64_t KWP = (kw + VL - 1) / VL * VL, PTW = kh * KWP;
+    int64_t *pos = malloc(sizeof(int64_t) * (size_t)W);
+    for (int64_t j = 0; j < W; j++) pos[j] = (j % dw) * S + j / dw;
+    /* clamped queries sorted by window start; group g is members[gfirst[g] .. gfirst[g + 1]) */
+    int64_t *members = malloc(sizeof(int64_t) * (size_t)W), *gfirst = malloc(sizeof(int64_t) * (size_t)(W + 1));
+    int64_t nclamped = 0, ngroups = 0;
+    for (int64_t start = 0; start < W; start++) {
+        const int64_t before = nclamped;
+        for (int64_t j = 0; j < W; j++)
+            if (colstart[j] != j - r * dw && colstart[j] == start) members[nclamped++] = j;
+        if (nclamped > before) gfirst[ngroups++] = before;
+    }
+    gfirst[ngroups] = nclamped;
+    /* the (query row, neighbor row) pairs that see key row i: pairs[pfirst[i] .. pfirst[i + 1]) */
+    int64_t *pairs = malloc(sizeof(int64_t) * (size_t)(H * kh)), *pfirst = malloc(sizeof(int64_t) * (size_t)(H + 1));
+    int64_t npairs = 0;
+    for (int64_t i = 0; i < H; i++) {
+        pfirst[i] = npairs;
+        for (int64_t q = 0; q < H; q++)
+            for (int64_t a = 0; a < kh; a++)
+                if (rowstart[q] + a * dh == i) pairs[npairs++] = q * kh + a;
+    }
+    pfirst[H] = npairs;
+#pragma omp parallel num_threads(nthreads)
+    {
+        T *ppad = calloc((size_t)(H * KK * WP), sizeof(T)); /* the slab's weights, padded rows */
+        T *apad = calloc((size_t)(C * H * WP), sizeof(T));  /* its features, clamped queries zeroed */
+        VEC *pt = NAME(alloc_vectors)(H * nclamped * PTW / VL + 1); /* clamped queries' weights */
+        T *aval = malloc(sizeof(T) * (size_t)(H * nclamped * C + 1)); /* and features */
+        VEC *row = NAME(alloc_vectors)(CHANNEL_BLOCK * RV);          /* one key row, padded */
+        memset(pt, 0, sizeof(T) * (size_t)(H * nclamped * PTW));
+        T *const ptt = (T *)pt, *const rowt = (T *)row;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t q = 0; q < H; q++) {
+                const T *Pq = P + (n * H + q) * KK * W;
+                for (int64_t ab = 0; ab < KK; ab++) {
+                    T *dst = ppad + (q * KK + ab) * WP;
+                    if (dw == 1) memcpy(dst + r, Pq + ab * W, sizeof(T) * (size_t)W);
+                    else for (int64_t j = 0; j < W; j++) dst[r + pos[j]] = Pq[ab * W + j];
+                }
+                for (int64_t t = 0; t < nclamped; t++)
+                    for (int64_t a = 0; a < kh; a++)
+                        for (int64_t b = 0; b < kw; b++)
+                            ptt[(q * nclamped + t) * PTW + a * KWP + b] = Pq[(a * kw + b) * W + members[t]];
+            }
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t q = 0; q < H; q++) {
+                    const T *Aq = A + (n * C + c) * HW + q * W;
+                    T *dst = apad + (c * H + q) * WP;
+                    if (dw == 1) memcpy(dst + r, Aq, sizeof(T) * (size_t)W);
+                    else for (int64_t j = 0; j < W; j++) dst[r + pos[j]] = Aq[j];
+                    for (int64_t t = 0; t < nclamped; t++) {
+                        dst[r + pos[members[t]]] = 0;
+                        aval[(q * nclamped + t) * C + c] = Aq[members[t]];
                     }
                 }
-                for (int64_t a = 0; a < kh; a++) {
-                    T *rowo = out + (n * C + c0) * HW + (rowstart[i] + a * dh) * W;
-                    for (int64_t k0 = 0; k0 < W; k0 += VL) {
+            for (int64_t i = 0; i < H; i++) {
+                for (int64_t c0 = 0; c0 < C; c0 += CHANNEL_BLOCK) {
+                    const int64_t nc = C - c0 < CHANNEL_BLOCK ? C - c0 : CHANNEL_BLOCK;
+                    int64_t plane[CHANNEL_BLOCK]; /* past C, repeat the last channel (not stored) */
+                    for (int64_t x = 0; x < CHANNEL_BLOCK; x++) plane[x] = (c0 + x < C ? c0 + x : C - 1) * H * WP;
+                    for (int64_t v = 0; v < NV; v++) {
                         VEC acc[CHANNEL_BLOCK] = {{0}};
-                        for (int64_t b = 0; b < kw; b++) {
-                            const int64_t from = R + k0 + (kw / 2 - b) * dw;
-                            const VEC w = NAME(load)(ppad + (a * kw + b) * WP + from);
-                            for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += w * NAME(load)(apad + x * WP + from);
-                        }
-                        const int64_t len = W - k0 < VL ? W - k0 : VL;
-                        for (int64_t x = 0; x < nc; x++) {
-                            T *o = rowo + x * HW + k0;
-                            if (len == VL) {
-                                *(UVEC *)o += acc[x];
-                            } else {
-                                for (int64_t u = 0; u < len; u++) o[u] += acc[x][u];
+                        for (int64_t p = pfirst[i]; p < pfirst[i + 1]; p++) {
+                            const int64_t q = pairs[p] / kh, a = pairs[p] % kh;
+                            const T *pa = ppad + (q * KK + a * kw) * WP + v * VL + 2 * r;
+                            const T *aq = apad + q * WP + v * VL + 2 * r;
+                            for (int64_t b = 0; b < kw; b++) {
+                                const VEC w = NAME(load)(pa + b * (WP - 1));
+                                for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += w * NAME(load)(aq + plane[x] - b);
                             }
+                        }
+                        for (int64_t x = 0; x < CHANNEL_BLOCK; x++) row[x * RV + v] = acc[x];
+                    }
+                    for (int64_t g = 0; g < ngroups; g++) {
+                        T *o = rowt + pos[colstart[members[gfirst[g]]]];
+                        for (int64_t b0 = 0; b0 < kw; b0 += VL) {
+                            VEC acc[CHANNEL_BLOCK] = {{0}};
+                            for (int64_t p = pfirst[i]; p < pfirst[i + 1]; p++) {
+                                const int64_t q = pairs[p] / kh, a = pairs[p] % kh;
+                                for (int64_t t = gfirst[g]; t < gfirst[g + 1]; t++) {
+                                    const VEC w = pt[((q * nclamped + t) * PTW + a * KWP + b0) / VL];
+                                    const T *av = aval + (q * nclamped + t) * C + c0;
+                                    for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += w * av[x < nc ? x : nc - 1];
+                                }
+                            }
+                            /* lanes past kw add 0, inside the row's padding */
+                            for (int64_t x = 0; x < CHANNEL_BLOCK; x++) *(UVEC *)(o + x * RV * VL + b0) += acc[x];
                         }
                     }
-                    for (int64_t s = 0; s < nchunks; s++) {
-                        if (!clamped_chunk[s]) continue;
-                        const chunk_t *ch = &chunks[s];
-                        T *o = rowo + colstart[ch->j0];
-                        if (ch->shift) { /* lanes of different keys: one read-modify-write per lane */
-                            for (int64_t b = 0; b < kw; b++) {
-                                const VEC w = NAME(load)(Pi + (a * kw + b) * W + ch->j0);
-                                for (int64_t x = 0; x < nc; x++) {
-                                    const VEC contrib = w * val[s * CHANNEL_BLOCK + x];
-                                    for (int64_t u = 0; u < ch->len; u++) o[x * HW + b * dw + u] += contrib[u];
-                                }
-                            }
-                            continue;
-                        }
-                        /* All lanes share their keys: vectorise over the neighbors b instead. */
-                        const T *pts = pt + s * VL * PTW;
-                        for (int64_t b0 = 0; b0 < kw; b0 += VL) {
-                            for (int64_t x = 0; x < nc; x++) {
-                                VEC acc = {0};
-                                for (int64_t u = 0; u < ch->len; u++)
-                                    acc += NAME(load)(pts + u * PTW + a * kw + b0) * val[s * CHANNEL_BLOCK + x][u];
-                                if (dw == 1 && colstart[ch->j0] + b0 + VL <= W) {
-                                    /* contiguous keys, all lanes inside the row: one vector update,
-                                     * lanes past kw add 0 (past the row, they would touch memory
-                                     * another thread may be updating: the next n's slab) */
-                                    for (int64_t e = 0; e < VL; e++) acc[e] = b0 + e < kw ? acc[e] : (T)0;
-                                    *(UVEC *)(o + x * HW + b0) += acc;
-                                } else {
-                                    for (int64_t e = 0; e < VL && b0 + e < kw; e++) o[x * HW + (b0 + e) * dw] += acc[e];
-                                }
-                            }
-                        }
+                    for (int64_t x = 0; x < nc; x++) {
+                        T *dst = out + (n * C + c0 + x) * HW + i * W;
+                        const T *src = rowt + x * RV * VL;
+                        if (dw == 1) memcpy(dst, src, sizeof(T) * (size_t)W);
+                        else for (int64_t j = 0; j < W; j++) dst[j] = src[pos[j]];
                     }
                 }
             }
         }
+        free(row);
+        free(aval);
         free(pt);
-        free(val);
-        free(ppad);
         free(apad);
+        free(ppad);
     }
-    free(clamped_chunk);
-    free(regular);
-    free(chunks);
+    free(pfirst);
+    free(pairs);
+    free(gfirst);
+    free(members);
+    free(pos);
 }
 
 #undef GEOMETRY_ARGS

@@ -165,7 +165,7 @@ def na2d_fused(
     n, _, h, w = q.shape
     _, _, rowoff, coloff = _geometry(h, w, tuple(kernel), tuple(dilation))
     attn = _empty((n, h, kernel[0] * kernel[1], w), q.dtype)
-    bias = 0 if rpb is None else rpb.to(q.dtype).contiguous()
+    bias = 0 if rpb is None else _operand(rpb.to(q.dtype))
     _launch("na_attend", (q, k, bias, heads, scale, rowoff, coloff), attn, q, kernel, dilation)
     out = _empty(tuple(v.shape), v.dtype)
     _launch("na_weighted_sum", (attn, v), out, v, kernel, dilation)

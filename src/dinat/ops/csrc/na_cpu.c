@@ -32,35 +32,50 @@
 #define NEIGHBOR_BLOCK 4
 #define CHANNEL_BLOCK 8
 
+/* How the first keys of a chunk's queries lie: lane u's is base + u (SHIFT), base (SHARED), or
+ * base + idx[u] with idx[u] < VL (MIXED: clamped borders, several dilation groups), so that one
+ * vector load at base, permuted by idx, holds every lane's key. */
+enum { SHIFT, SHARED, MIXED };
+
 typedef struct {
-    int64_t j0;    /* first query column of the chunk */
-    int64_t len;   /* queries in the chunk, 1..VL */
-    int64_t shift; /* 1: the key column advances with the query; 0: all lanes share it */
+    int64_t j0;  /* first query column of the chunk */
+    int64_t len; /* queries in the chunk, 1..VL */
+    int64_t base, kind, idx[VL];
 } chunk_t;
 
-/* Splits a row's queries into maximal runs whose first key column steps by 1 (interior) or 0
- * (clamped border), then cuts runs into vector chunks. A long interior run ends in a full-width
- * chunk that overlaps its predecessor rather than a masked partial one. Returns the chunk count. */
+/* max - min of colstart[j0 .. j0 + len), the lowest in *lo. */
+static int64_t colstart_span(const int64_t *colstart, int64_t j0, int64_t len, int64_t *lo) {
+    int64_t low = colstart[j0], high = colstart[j0];
+    for (int64_t u = 1; u < len; u++) {
+        low = colstart[j0 + u] < low ? colstart[j0 + u] : low;
+        high = colstart[j0 + u] > high ? colstart[j0 + u] : high;
+    }
+    *lo = low;
+    return high - low;
+}
+
+/* Cuts a row's queries into chunks of VL consecutive queries whose first keys lie within VL
+ * columns (shorter where they do not); the last chunk of a row overlaps its predecessor rather
+ * than being a partial one. Returns the chunk count. */
 static int64_t make_chunks(const int64_t *colstart, int64_t W, chunk_t *chunks) {
-    int64_t count = 0, j = 0;
-    while (j < W) {
-        int64_t len = 1, shift = 1;
-        if (j + 1 < W) {
-            const int64_t step = colstart[j + 1] - colstart[j];
-            if (step == 0 || step == 1) {
-                shift = step;
-                while (j + len < W && colstart[j + len] - colstart[j + len - 1] == step) len++;
-            }
+    int64_t count = 0, lo;
+    for (int64_t j = 0; j < W;) {
+        int64_t j0 = j, len = W - j < VL ? W - j : VL;
+        if (len < VL && W >= VL && colstart_span(colstart, W - VL, VL, &lo) < VL) { /* lanes before j recomputed */
+            j0 = W - VL;
+            len = VL;
         }
-        for (int64_t done = 0; done < len; done += VL) {
-            chunk_t ch = {j + done, len - done < VL ? len - done : VL, shift};
-            if (shift && len >= VL && len - done < VL) { /* lanes before j + done are recomputed */
-                ch.j0 = j + len - VL;
-                ch.len = VL;
-            }
-            chunks[count++] = ch;
+        while (colstart_span(colstart, j0, len, &lo) >= VL) len--;
+        chunk_t ch = {j0, len, lo, SHIFT, {0}};
+        int shift = 1, shared = 1;
+        for (int64_t u = 0; u < len; u++) {
+            ch.idx[u] = colstart[j0 + u] - lo;
+            shift &= ch.idx[u] == u;
+            shared &= ch.idx[u] == 0;
         }
-        j += len;
+        ch.kind = shift ? SHIFT : shared ? SHARED : MIXED;
+        chunks[count++] = ch;
+        j = j0 + len;
     }
     return count;
 }
@@ -69,18 +84,22 @@ static int64_t make_chunks(const int64_t *colstart, int64_t W, chunk_t *chunks) 
 enum { STORE_DOTS, SOFTMAX, SOFTMAX_BACKWARD };
 
 #define T float
+#define ITYPE int32_t
 #define SUFFIX f32
 #define IS_FLOAT 1
 #include "na_kernels.h"
 #undef IS_FLOAT
+#undef ITYPE
 #undef T
 #undef SUFFIX
 
 #define T double
+#define ITYPE int64_t
 #define SUFFIX f64
 #define IS_FLOAT 0
 #include "na_kernels.h"
 #undef IS_FLOAT
+#undef ITYPE
 #undef T
 #undef SUFFIX
 

@@ -5,9 +5,11 @@
 #define NAME(x) CAT(x, SUFFIX)
 #define VEC NAME(vec)
 #define UVEC NAME(uvec)
+#define IVEC NAME(ivec)
 
 typedef T VEC __attribute__((vector_size(VL * sizeof(T))));
 typedef T UVEC __attribute__((vector_size(VL * sizeof(T)), aligned(sizeof(T)))); /* unaligned access */
+typedef ITYPE IVEC __attribute__((vector_size(VL * sizeof(T))));                  /* lane indices */
 
 #define GEOMETRY_ARGS                                                                              \
     int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t dh, int64_t dw,    \
@@ -22,6 +24,24 @@ static inline VEC *NAME(alloc_vectors)(int64_t count) {
  * operand (see cpu.py), so a chunk near the end of a row may read past it: those lanes are never
  * stored. */
 static inline VEC NAME(load)(const T *src) { return *(const UVEC *)src; }
+
+/* Lane u of the result is lane idx[u] of v. */
+static inline VEC NAME(permute)(VEC v, IVEC idx) {
+#if defined(__GNUC__) && !defined(__clang__)
+    return __builtin_shuffle(v, idx);
+#else
+    VEC out;
+    for (int64_t u = 0; u < VL; u++) out[u] = v[idx[u]];
+    return out;
+#endif
+}
+
+/* The chunk's lane indices (see chunk_t) as a vector. */
+static inline IVEC NAME(lane_indices)(const chunk_t *ch) {
+    IVEC idx;
+    for (int64_t u = 0; u < VL; u++) idx[u] = (ITYPE)ch->idx[u];
+    return idx;
+}
 
 /* Lanes [0, len) of v to dst. */
 static inline void NAME(store)(T *dst, VEC v, int64_t len) {
@@ -57,19 +77,24 @@ static inline VEC NAME(exp_nonpositive)(VEC x) {
 /* The dot products of a chunk of queries (pre-scaled, q[c]) with all kh*kw neighbors: logit[ab]. */
 static inline void NAME(chunk_dots)(const VEC *q, const T *Bn, const chunk_t *ch, int64_t C, int64_t HW,
                                     int64_t W, int64_t row0, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
-                                    int64_t col0, VEC *logit) {
+                                    VEC *logit) {
+    const IVEC idx = NAME(lane_indices)(ch);
     for (int64_t a = 0; a < kh; a++) {
-        const T *rowk = Bn + (row0 + a * dh) * W + col0;
+        const T *rowk = Bn + (row0 + a * dh) * W + ch->base;
         for (int64_t b0 = 0; b0 < kw; b0 += NEIGHBOR_BLOCK) {
             int64_t offset[NEIGHBOR_BLOCK]; /* past kw, repeat the last neighbor (not kept) */
             for (int64_t x = 0; x < NEIGHBOR_BLOCK; x++) offset[x] = (b0 + x < kw ? b0 + x : kw - 1) * dw;
             VEC acc[NEIGHBOR_BLOCK] = {{0}};
-            if (ch->shift) {
+            if (ch->kind == SHIFT) {
                 for (int64_t c = 0; c < C; c++)
                     for (int64_t x = 0; x < NEIGHBOR_BLOCK; x++) acc[x] += q[c] * NAME(load)(rowk + c * HW + offset[x]);
-            } else {
+            } else if (ch->kind == SHARED) {
                 for (int64_t c = 0; c < C; c++)
                     for (int64_t x = 0; x < NEIGHBOR_BLOCK; x++) acc[x] += q[c] * rowk[c * HW + offset[x]];
+            } else {
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t x = 0; x < NEIGHBOR_BLOCK; x++)
+                        acc[x] += q[c] * NAME(permute)(NAME(load)(rowk + c * HW + offset[x]), idx);
             }
             for (int64_t x = 0; x < NEIGHBOR_BLOCK && b0 + x < kw; x++) logit[a * kw + b0 + x] = acc[x];
         }
@@ -103,19 +128,30 @@ static void NAME(dot_kernel)(const T *A, const T *B, T *out, int mode, const NAM
             for (int64_t s = 0; s < nchunks; s++) {
                 const chunk_t *ch = &chunks[s];
                 for (int64_t c = 0; c < C; c++) q[c] = NAME(load)(A + (n * C + c) * HW + i * W + ch->j0) * scale;
-                NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, colstart[ch->j0], dots);
+                NAME(chunk_dots)(q, B + n * C * HW, ch, C, HW, W, rowstart[i], kh, kw, dh, dw, dots);
                 T *o = out + (n * H + i) * KK * W + ch->j0;
                 if (mode == SOFTMAX) {
-                    if (rpb_h && ch->shift) { /* the queries' keys all sit at the same offsets: one bias each */
+                    if (rpb_h && ch->kind == SHIFT) { /* the keys all sit at the same offsets: one bias each */
                         const T *bias = rpb_h + ep->rowoff[i] * RW + ep->coloff[ch->j0];
                         for (int64_t a = 0; a < kh; a++)
                             for (int64_t b = 0; b < kw; b++) dots[a * kw + b] += bias[a * RW + b];
-                    } else if (rpb_h) {
-                        for (int64_t a = 0; a < kh; a++)
+                    } else if (rpb_h) { /* one load per neighbor, permuted, where the lanes' biases are near */
+                        int64_t lo = ep->coloff[ch->j0], hi = lo;
+                        IVEC bidx;
+                        for (int64_t u = 1; u < ch->len; u++) {
+                            lo = ep->coloff[ch->j0 + u] < lo ? ep->coloff[ch->j0 + u] : lo;
+                            hi = ep->coloff[ch->j0 + u] > hi ? ep->coloff[ch->j0 + u] : hi;
+                        }
+                        for (int64_t u = 0; u < VL; u++) bidx[u] = (ITYPE)(ep->coloff[ch->j0 + (u < ch->len ? u : 0)] - lo);
+                        for (int64_t a = 0; a < kh; a++) {
+                            const T *bias = rpb_h + (ep->rowoff[i] + a) * RW + lo;
                             for (int64_t b = 0; b < kw; b++)
-                                for (int64_t u = 0; u < VL; u++)
-                                    dots[a * kw + b][u] +=
-                                        rpb_h[(ep->rowoff[i] + a) * RW + ep->coloff[ch->j0 + (u < ch->len ? u : 0)] + b];
+                                if (hi - lo < VL) {
+                                    dots[a * kw + b] += NAME(permute)(NAME(load)(bias + b), bidx);
+                                } else {
+                                    for (int64_t u = 0; u < VL; u++) dots[a * kw + b][u] += bias[b + bidx[u]];
+                                }
+                        }
                     }
                     VEC top = dots[0];
                     for (int64_t ab = 1; ab < KK; ab++)
@@ -170,21 +206,26 @@ void NAME(na_weighted_sum)(const T *P, const T *B, T *out, GEOMETRY_ARGS) {
             const T *Pi = P + (n * H + i) * KK * W;
             for (int64_t s = 0; s < nchunks; s++) {
                 const chunk_t *ch = &chunks[s];
+                const IVEC idx = NAME(lane_indices)(ch);
                 for (int64_t ab = 0; ab < KK; ab++) p[ab] = NAME(load)(Pi + ab * W + ch->j0);
                 for (int64_t c0 = 0; c0 < C; c0 += CHANNEL_BLOCK) {
                     int64_t plane[CHANNEL_BLOCK]; /* past C, repeat the last channel (not stored) */
                     for (int64_t x = 0; x < CHANNEL_BLOCK; x++) plane[x] = (c0 + x < C ? c0 + x : C - 1) * HW;
                     VEC acc[CHANNEL_BLOCK] = {{0}};
                     for (int64_t a = 0; a < kh; a++) {
-                        const T *rowv = B + n * C * HW + (rowstart[i] + a * dh) * W + colstart[ch->j0];
+                        const T *rowv = B + n * C * HW + (rowstart[i] + a * dh) * W + ch->base;
                         const VEC *pa = p + a * kw;
-                        if (ch->shift) {
+                        if (ch->kind == SHIFT) {
                             for (int64_t b = 0; b < kw; b++)
                                 for (int64_t x = 0; x < CHANNEL_BLOCK; x++)
                                     acc[x] += pa[b] * NAME(load)(rowv + plane[x] + b * dw);
-                        } else {
+                        } else if (ch->kind == SHARED) {
                             for (int64_t b = 0; b < kw; b++)
                                 for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += pa[b] * rowv[plane[x] + b * dw];
+                        } else {
+                            for (int64_t b = 0; b < kw; b++)
+                                for (int64_t x = 0; x < CHANNEL_BLOCK; x++)
+                                    acc[x] += pa[b] * NAME(permute)(NAME(load)(rowv + plane[x] + b * dw), idx);
                         }
                     }
                     for (int64_t x = 0; x < CHANNEL_BLOCK && c0 + x < C; x++)
@@ -329,6 +370,7 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
 }
 
 #undef GEOMETRY_ARGS
+#undef IVEC
 #undef UVEC
 #undef VEC
 #undef NAME

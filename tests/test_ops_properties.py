@@ -93,6 +93,25 @@ def test_unfused_match_reference(geometry, seed) -> None:
 
 
 @pytest.mark.parametrize(
+    "kernel, dilation, size",
+    [((3, 3), (11, 12), (34, 38)), ((5, 13), (1, 1), (7, 30)), ((3, 9), (2, 9), (9, 85))],
+    ids=["dilation-over-8", "rpb-offsets-over-8", "both"],
+)
+def test_wide_geometries_match_reference(kernel, dilation, size) -> None:
+    """Past 8 columns of spread (the vector width) between the first keys or the rpb offsets of
+    neighbouring queries, the CPU kernels split chunks or add the rpb per lane; the hypothesis
+    geometries (dilation <= 8) rarely reach that."""
+    q, k, v, rpb = (t.detach() for t in _inputs((2, 2, *size, 5), kernel, True, 11))
+    tokens_first = [t.permute(0, 2, 3, 1, 4) for t in (q, k, v)]
+    (ref, ref_grads), (fast, fast_grads) = _run_both(
+        lambda q, k, v, rpb: na2d(q, k, v, kernel, dilation, rpb, 0.4), [*tokens_first, rpb]
+    )
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9)
+    for got, want in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
     "kernel, dilation, size, with_rpb",
     [(3, 1, (5, 6), True), ((3, 5), (2, 1), (7, 6), True), (3, 2, (6, 6), False), (5, 1, (5, 7), True)],
 )

@@ -212,6 +212,9 @@ def _fused_setup(ctx, inputs, output) -> None:
     q, k, v, rpb, heads, scale, kernel, dilation = inputs
     ctx.save_for_backward(q, k, v, output[1], rpb)
     ctx.args = (heads, scale, kernel, dilation)
+    # the attention is kept for the backward, not differentiated: no zero gradient is made for it
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 @torch.library.custom_op("dinat::na_softmax_backward", mutates_args=())
@@ -230,6 +233,8 @@ def _(grad_out, v, attn, kernel, dilation):
 
 
 def _fused_backward(ctx, grad_out, _grad_attn):
+    if grad_out is None:  # no gradient reached the output (grads are not materialised as zeros)
+        return (None,) * 8
     q, k, v, attn, rpb = ctx.saved_tensors
     heads, scale, kernel, dilation = ctx.args
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
@@ -294,12 +299,28 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in _NATIVE else torch.float32
 
 
+class _ChannelMajor(torch.autograd.Function):
+    """x permuted by ``dims`` into a kernel operand (with slack), batch and heads flattened, in the
+    kernels' dtype. Its own backward is a view of the gradient (autograd's backward of a copy into
+    a slice of the slack buffer zero-fills and copies the whole buffer)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        ctx.dims, ctx.dtype = dims, x.dtype
+        x = x.permute(*dims)
+        ctx.shape = x.shape
+        out = _empty((x.shape[0] * x.shape[1], *x.shape[2:]), _compute_dtype(x))
+        out.view(x.shape).copy_(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        inverse = sorted(range(len(ctx.dims)), key=ctx.dims.__getitem__)
+        return grad.view(ctx.shape).permute(*inverse).to(ctx.dtype), None
+
+
 def _channel_major(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Permute x to channel-major, flatten batch and heads, in the kernels' dtype."""
-    x = x.permute(*dims)
-    out = _empty((x.shape[0] * x.shape[1], *x.shape[2:]), _compute_dtype(x))
-    out.view(x.shape).copy_(x)
-    return out
+    return _ChannelMajor.apply(x, dims)
 
 
 def _bias(rpb: Tensor, height: int, width: int, kernel: Pair, dilation: Pair) -> Tensor:

@@ -219,6 +219,25 @@ def test_attention_compiles_without_graph_breaks(backend: str) -> None:
         torch.testing.assert_close(torch.compile(attn, fullgraph=True)(x), attn(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "flex"])  # CPU flex: graph break in backward
+def test_attention_trains_compiled_without_graph_breaks(backend: str) -> None:
+    """A compiled training step (the custom op's and the layout conversion's backward traced by
+    AOTAutograd) gives eager's output and gradients."""
+    torch._dynamo.reset()
+    attn = NeighborhoodAttention2D(32, 2, 7, dilation=2)
+    x = torch.randn(2, 15, 17, 32, requires_grad=True)
+    results = []
+    with use_backend(backend):
+        for module in (attn, torch.compile(attn, fullgraph=True)):
+            out = module(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+            results.append((out, grads))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager() -> None:
     torch._dynamo.reset()

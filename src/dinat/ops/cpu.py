@@ -316,7 +316,7 @@ class _ChannelMajor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         inverse = sorted(range(len(ctx.dims)), key=ctx.dims.__getitem__)
-        return grad.view(ctx.shape).permute(*inverse).to(ctx.dtype), None
+        return grad.reshape(ctx.shape).permute(*inverse).to(ctx.dtype), None
 
 
 def _channel_major(x: Tensor, dims: tuple[int, ...]) -> Tensor:

@@ -1,5 +1,5 @@
-"""The CPU kernels under AddressSanitizer: no access outside an operand, its readable slack, or the
-kernels' own scratch buffers.
+"""Other builds of the CPU kernels (``DINAT_CPU_KERNELS``): under AddressSanitizer, no access
+outside an operand, its readable slack, or the kernels' own scratch buffers; an unloadable one warns.
 
 The kernels are compiled again with ``-fsanitize=address`` and run (through ``DINAT_CPU_KERNELS``)
 in a subprocess that preloads the sanitizer's runtime, on geometries that reach every path of the C
@@ -81,3 +81,14 @@ def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path: Path) -> None:
     assert "AddressSanitizer" not in result.stderr, report
     assert result.returncode == 0, report
     assert "checked 12 geometries" in result.stdout
+
+
+def test_unloadable_kernel_override_warns(tmp_path: Path) -> None:
+    """A DINAT_CPU_KERNELS that cannot be loaded is a warning naming it, not a silent fallback."""
+    missing = tmp_path / "missing.so"
+    script = "from dinat.ops import cpu; print(cpu.available(), cpu.unavailable_reason())"
+    env = dict(os.environ, DINAT_CPU_KERNELS=str(missing), PYTHONWARNINGS="always")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("False the C kernels failed to load")
+    assert f"DINAT_CPU_KERNELS='{missing}' cannot be loaded" in result.stderr

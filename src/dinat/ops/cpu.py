@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import math
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -40,6 +41,9 @@ def _library() -> ctypes.CDLL | str:
     try:
         lib = ctypes.CDLL(path)
     except OSError as err:
+        if override is not None:  # asked for explicitly: say so rather than fall back silently
+            reason = f"DINAT_CPU_KERNELS={override!r} cannot be loaded ({err}); CPU ops use the reference"
+            warnings.warn(reason, stacklevel=2)
         return f"the C kernels failed to load: {err}"
     argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     for name in ("na_dot", "na_weighted_sum", "na_scatter"):

@@ -83,9 +83,13 @@ def dense_attention(q, k, v):
     return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
 
 
-def _with_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+def _with_backward(forward: Callable[[], torch.Tensor], grad_out: torch.Tensor) -> Callable[[], None]:
+    """forward, then backward from ``grad_out``: a dense gradient, as a training loss gives (the
+    gradient of ``.sum()`` is one value broadcast, which makes batched matmuls fall back to one
+    small product per matrix)."""
+
     def step() -> None:
-        forward().sum().backward()
+        forward().backward(grad_out)
 
     return step
 
@@ -117,7 +121,8 @@ def op_rows(batch: int, repeats: int, backends: list[str], device: torch.device,
                 forwards[backend] = forced
             with torch.no_grad():
                 fwd = interleaved_medians(forwards, repeats, device)
-            both = interleaved_medians({n: _with_backward(f) for n, f in forwards.items()}, repeats, device)
+            grad_out = make(batch, size, size, heads, 32).detach()
+            both = interleaved_medians({n: _with_backward(f, grad_out) for n, f in forwards.items()}, repeats, device)
             row = {"shape": f"{size}x{size} h{heads} d{dilation}", "backend": current_backend(q)}
             for name in forwards:
                 row[f"{name}_fwd_ms"] = fwd[name] * 1e3

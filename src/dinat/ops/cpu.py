@@ -28,6 +28,7 @@ from .reference import axis_neighborhood, relative_position_bias
 Pair = tuple[int, int]
 _NATIVE = {torch.float32: "f32", torch.float64: "f64"}
 _SLACK = 16  # elements every kernel operand is followed by: the kernels read whole vectors
+_TOKENS_FIRST = (0, 3, 4, 1, 2)  # (B, H, W, heads, D) -> (B, heads, D, H, W)
 
 
 @functools.cache
@@ -57,6 +58,9 @@ def _library() -> ctypes.CDLL | str:
         fn.restype = None
         fn = getattr(lib, f"na_attend_backward_{suffix}")
         fn.argtypes = [ctypes.c_void_p] + argtypes
+        fn.restype = None
+        fn = getattr(lib, f"na_to_channel_major_{suffix}")
+        fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int]
         fn.restype = None
     lib.na_read_slack.restype = ctypes.c_int64
     if lib.na_read_slack() > _SLACK:
@@ -243,6 +247,10 @@ def _fused_backward(ctx, grad_out, _grad_attn):
     heads, scale, kernel, dilation = ctx.args
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
         return (*_differentiable_fused_backward(ctx, grad_out, q, k, v, rpb), None, None, None, None)
+    # the output's gradient is a channel-major view of a tokens-first tensor: one operand for both uses
+    tokens_first = grad_out.view(grad_out.shape[0] // heads, heads, *grad_out.shape[1:]).permute(_TOKENS_FIRST)
+    transposed = _transposed_operand(tokens_first)
+    grad_out = _operand(grad_out) if transposed is None else transposed
     grad_logits = na_softmax_backward(grad_out, v, attn, kernel, dilation)
     needs = ctx.needs_input_grad
     grad_q = na_weighted_sum(grad_logits, k, kernel, dilation) * scale if needs[0] else None
@@ -303,6 +311,24 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in _NATIVE else torch.float32
 
 
+def _transposed_operand(x: Tensor) -> Tensor | None:
+    """Tokens-first (B, H, W, heads, D) x as a (B*heads, D, H, W) kernel operand by the C transpose,
+    where its channels are one contiguous run and its positions one stride apart (q, k and v of a
+    qkv projection, and their gradients, are); else None."""
+    batch, height, width, heads, dim = x.shape
+    if x.dtype not in _NATIVE or x.numel() == 0 or torch.compiler.is_compiling():  # compiled: inductor's copy
+        return None
+    channels_run = (dim == 1 or x.stride(4) == 1) and (heads == 1 or x.stride(3) == dim)
+    position_step = x.stride(1) if width == 1 else x.stride(2)
+    if not channels_run or (height > 1 and width > 1 and x.stride(1) != width * x.stride(2)):
+        return None
+    out = _empty((batch * heads, dim, height, width), x.dtype)
+    threads = torch.get_num_threads() if x.numel() >= 100_000 else 1
+    fn = getattr(_library(), f"na_to_channel_major_{_NATIVE[x.dtype]}")
+    fn(x.data_ptr(), out.data_ptr(), batch, height * width, heads * dim, x.stride(0), position_step, threads)
+    return out
+
+
 class _ChannelMajor(torch.autograd.Function):
     """x permuted by ``dims`` into a kernel operand (with slack), batch and heads flattened, in the
     kernels' dtype. Its own backward is a view of the gradient (autograd's backward of a copy into
@@ -311,6 +337,9 @@ class _ChannelMajor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> Tensor:
         ctx.dims, ctx.dtype = dims, x.dtype
+        if dims == _TOKENS_FIRST and (out := _transposed_operand(x)) is not None:
+            ctx.shape = x.permute(*dims).shape
+            return out
         x = x.permute(*dims)
         ctx.shape = x.shape
         out = _empty((x.shape[0] * x.shape[1], *x.shape[2:]), _compute_dtype(x))
@@ -355,7 +384,7 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Ten
         q32, k32, v32 = (t.to(dtype) for t in (q, k, v))
         bias = None if rpb is None else rpb.to(dtype)
         return grouped.attention(q32, k32, v32, kernel, dilation, bias, scale).to(q.dtype)
-    qc, kc, vc = (_channel_major(t, (0, 3, 4, 1, 2)) for t in (q, k, v))
+    qc, kc, vc = (_channel_major(t, _TOKENS_FIRST) for t in (q, k, v))
     bias = None if rpb is None else rpb.to(qc.dtype)
     out, _ = na2d_fused(qc, kc, vc, bias, heads, scale, list(kernel), list(dilation))
     return out.view(batch, heads, dim, height, width).permute(0, 3, 4, 1, 2).to(q.dtype)

@@ -277,6 +277,7 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
     const int64_t RV = NV + 1;                              /* vectors per key row buffer (slack) */
     /* a clamped query's weights, rows padded with zeros to whole vectors: lanes past kw add 0 */
     const int64_t KWP = (kw + VL - 1) / VL * VL, PTW = kh * KWP;
+    const int64_t CP = (C + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK * CHANNEL_BLOCK;
     int64_t *pos = malloc(sizeof(int64_t) * (size_t)W);
     for (int64_t j = 0; j < W; j++) pos[j] = (j % dw) * S + j / dw;
     /* clamped queries sorted by window start; group g is members[gfirst[g] .. gfirst[g + 1]) */
@@ -304,7 +305,7 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
         T *ppad = calloc((size_t)(H * KK * WP), sizeof(T)); /* the slab's weights, padded rows */
         T *apad = calloc((size_t)(C * H * WP), sizeof(T));  /* its features, clamped queries zeroed */
         VEC *pt = NAME(alloc_vectors)(H * nclamped * PTW / VL + 1); /* clamped queries' weights */
-        T *aval = malloc(sizeof(T) * (size_t)(H * nclamped * C + 1)); /* and features */
+        T *aval = calloc((size_t)(H * nclamped * CP + 1), sizeof(T)); /* their features, channels zero-padded to whole blocks */
         VEC *row = NAME(alloc_vectors)(CHANNEL_BLOCK * RV);          /* one key row, padded */
         memset(pt, 0, sizeof(T) * (size_t)(H * nclamped * PTW));
         T *const ptt = (T *)pt, *const rowt = (T *)row;
@@ -330,7 +331,7 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                     else for (int64_t j = 0; j < W; j++) dst[r + pos[j]] = Aq[j];
                     for (int64_t t = 0; t < nclamped; t++) {
                         dst[r + pos[members[t]]] = 0;
-                        aval[(q * nclamped + t) * C + c] = Aq[members[t]];
+                        aval[(q * nclamped + t) * CP + c] = Aq[members[t]];
                     }
                 }
             for (int64_t i = 0; i < H; i++) {
@@ -359,8 +360,8 @@ void NAME(na_scatter)(const T *P, const T *A, T *out, GEOMETRY_ARGS) {
                                 const int64_t q = pairs[p] / kh, a = pairs[p] % kh;
                                 for (int64_t t = gfirst[g]; t < gfirst[g + 1]; t++) {
                                     const VEC w = pt[((q * nclamped + t) * PTW + a * KWP + b0) / VL];
-                                    const T *av = aval + (q * nclamped + t) * C + c0;
-                                    for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += w * av[x < nc ? x : nc - 1];
+                                    const T *av = aval + (q * nclamped + t) * CP + c0;
+                                    for (int64_t x = 0; x < CHANNEL_BLOCK; x++) acc[x] += w * av[x];
                                 }
                             }
                             /* lanes past kw add 0, inside the row's padding */

@@ -336,14 +336,12 @@ class _ChannelMajor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> Tensor:
-        ctx.dims, ctx.dtype = dims, x.dtype
-        if dims == _TOKENS_FIRST and (out := _transposed_operand(x)) is not None:
-            ctx.shape = x.permute(*dims).shape
-            return out
-        x = x.permute(*dims)
-        ctx.shape = x.shape
-        out = _empty((x.shape[0] * x.shape[1], *x.shape[2:]), _compute_dtype(x))
-        out.view(x.shape).copy_(x)
+        permuted = x.permute(*dims)
+        ctx.dims, ctx.dtype, ctx.shape = dims, x.dtype, permuted.shape
+        out = _transposed_operand(x) if dims == _TOKENS_FIRST else None
+        if out is None:
+            out = _empty((permuted.shape[0] * permuted.shape[1], *permuted.shape[2:]), _compute_dtype(x))
+            out.view(permuted.shape).copy_(permuted)
         return out
 
     @staticmethod

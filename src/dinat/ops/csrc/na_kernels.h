@@ -1,5 +1,6 @@
 /* Kernel bodies, included by na_cpu.c once per element type T with name suffix SUFFIX.
- * Vectors are GCC/Clang vector extensions of VL lanes (one lane per query of a chunk). */
+ * Vectors are GCC/Clang vector extensions of VL lanes (one lane per query of a chunk; per key
+ * in the key gradient). */
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(x) CAT(x, SUFFIX)

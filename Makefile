@@ -43,5 +43,5 @@ bench-cuda: $(STAMP)
 	$(PY) $(CUDA_BENCH)
 
 lint: $(STAMP)
-	.venv/bin/ruff check src tests
-	.venv/bin/ruff format --check src tests
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks

@@ -3,8 +3,15 @@
 The kernels are plain C (no Python or torch headers), so they build in a second with the system
 compiler; `dinat.ops.cpu` loads them with ctypes. If the compiler is missing or fails, the package
 still installs and the ops fall back to the pure-PyTorch path.
+
+Two builds on x86-64, none for the installing machine only (-march=native): a wheel or a shared
+virtualenv built on one machine must not die of an illegal instruction on an older one. `_na_cpu`
+runs on any CPU of the architecture; `_na_cpu_x86_64_v3` (AVX2 and FMA, CPUs since 2013) is 3-5x
+faster and is loaded where the CPU runs it. A native build on an AVX-512 machine measured no faster
+than x86-64-v3 (the kernels use 256-bit vectors; BENCHMARKS.md).
 """
 
+import platform
 import sys
 
 from setuptools import Extension, setup
@@ -28,23 +35,29 @@ class OptionalBuildExt(build_ext):
                 super().build_extension(ext)
                 return
             except Exception as err:  # noqa: BLE001 - any build failure must leave a working install
-                print(f"dinat: CPU kernels not built with OpenMP={openmp} ({err})", file=sys.stderr)
-        print("dinat: the PyTorch fallback will be used on the CPU", file=sys.stderr)
+                print(f"dinat: {ext.name} not built with OpenMP={openmp} ({err})", file=sys.stderr)
+        fallback = "the PyTorch fallback" if ext.name == PORTABLE else "the portable build"
+        print(f"dinat: {ext.name} not built; {fallback} will be used on the CPU", file=sys.stderr)
 
     def get_export_symbols(self, ext: Extension) -> list[str]:
         return []  # loaded with ctypes, not imported: no PyInit_ symbol
 
 
-setup(
-    ext_modules=[
-        Extension(
-            "dinat.ops._na_cpu",
-            sources=["src/dinat/ops/csrc/na_cpu.c"],
-            depends=["src/dinat/ops/csrc/na_kernels.h"],
-            extra_compile_args=["-O3", "-march=native", "-fopenmp", "-std=c11"],
-            extra_link_args=["-fopenmp"],
-            libraries=["m"],
-        )
-    ],
-    cmdclass={"build_ext": OptionalBuildExt},
-)
+def kernels(name: str, target_flags: list[str]) -> Extension:
+    return Extension(
+        name,
+        sources=["src/dinat/ops/csrc/na_cpu.c"],
+        depends=["src/dinat/ops/csrc/na_kernels.h"],
+        extra_compile_args=["-O3", "-fopenmp", "-std=c11", *target_flags],
+        extra_link_args=["-fopenmp"],
+        libraries=["m"],
+    )
+
+
+PORTABLE = "dinat.ops._na_cpu"
+extensions = [kernels(PORTABLE, [])]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # -Wno-psabi: GCC notes that 512-bit double vectors pass differently without AVX-512 (inline only)
+    extensions.append(kernels("dinat.ops._na_cpu_x86_64_v3", ["-march=x86-64-v3", "-Wno-psabi"]))
+
+setup(ext_modules=extensions, cmdclass={"build_ext": OptionalBuildExt})

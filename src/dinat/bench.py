@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_model_name
-from .ops import BACKENDS, current_backend, na2d, use_backend
+from .ops import BACKENDS, cpu, current_backend, na2d, use_backend
 
 # (tokens per side, heads, dilations used at that level) for DiNAT-Mini at 224 px.
 DINAT_MINI_LEVELS = [(56, 2, (1, 8)), (28, 4, (1, 4)), (14, 8, (1, 2)), (7, 16, (1,))]
@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
         "backend": args.backend,
         "compile": args.compile,
     }
+    if device.type == "cpu":
+        results["cpu_kernels"] = cpu.loaded_build()
+        print(f"CPU kernels: {results['cpu_kernels']}")
     with use_backend(args.backend):
         if args.suite in ("op", "all"):
             print(f"op: DiNAT-Mini level shapes, batch {args.batch}, head dim 32, kernel 7, {args.threads} threads")

@@ -105,3 +105,19 @@ enum { STORE_DOTS, SOFTMAX, SOFTMAX_BACKWARD };
 
 /* Elements the kernels may read past the end of each operand (cpu.py allocates that slack). */
 int64_t na_read_slack(void) { return VL; }
+
+/* Whether this CPU runs the x86-64-v3 build (AVX2, FMA, BMI1/2; setup.py). cpu.py asks the portable
+ * build before loading that one: on an older CPU it would die of an illegal instruction. GCC >= 12
+ * tests the whole level; otherwise the features the kernels' code can contain are tested. */
+int na_cpu_runs_x86_64_v3(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v3") != 0;
+#elif defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+           __builtin_cpu_supports("bmi2");
+#else
+    return 0;
+#endif
+}

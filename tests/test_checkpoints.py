@@ -24,6 +24,7 @@ from dinat.checkpoints import (
     resize_rpb,
     resolve_download,
     save_checkpoint,
+    unwrap_state_dict,
 )
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -170,6 +171,19 @@ def test_resize_rpb() -> None:
         resize_rpb(resized, 4)
 
 
+def test_resize_rpb_refuses_full_attention_tables() -> None:
+    with torch.device("meta"):
+        vit = timm.create_model("vitrpb_small")
+    with pytest.raises(ValueError, match=r"layers.0.attn.rpb must be a neighborhood-attention table .*\(12, 27, 27\)"):
+        resize_rpb(vit.state_dict(), 11)
+
+
+@pytest.mark.parametrize("prefixes", ["module._orig_mod.", "_orig_mod.module.", "module.module."])
+def test_nested_wrapper_prefixes_are_stripped(prefixes: str) -> None:
+    """DDP of a compiled model, a compiled DDP model: every prefix goes, in any order."""
+    assert unwrap_state_dict({f"{prefixes}w": torch.zeros(2)}).keys() == {"w"}
+
+
 def test_save_checkpoint_atomic(tmp_path, monkeypatch) -> None:
     path = tmp_path / "sub" / "ckpt.pth"
     save_checkpoint({"a": torch.ones(2)}, path)
@@ -255,3 +269,5 @@ def test_failed_download_is_a_clear_error(monkeypatch, capsys, model) -> None:
     err = capsys.readouterr().err
     assert f"could not download the weights of {model}" in err and f"{model}_in1k_224.pth" in err
     assert "Name or service not known" in err and "--checkpoint" in err and "Traceback" not in err
+    with pytest.raises(CheckpointError, match=f"could not download the weights of {model}"):  # the Python API too
+        dinat.create_model(model, pretrained=True)

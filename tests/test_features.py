@@ -52,3 +52,20 @@ def test_out_indices_and_consistency() -> None:
     assert [m.shape[1] for m in maps] == [192, 768]
     torch.testing.assert_close(maps[0], inter[1])
     torch.testing.assert_close(maps[1], inter[3])
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_s_tiny"])
+def test_hook_features_are_the_stage_maps(name: str) -> None:
+    """feature_info's modules (timm's hook and fx feature nets use them) give each stage's map
+    before the next level's downsample: the getter's maps, in the blocks' NHWC layout."""
+    torch.manual_seed(0)
+    getter = timm.create_model(name, features_only=True).eval()
+    torch.manual_seed(0)  # the same weights
+    hooks = timm.create_model(name, features_only=True, feature_cls="hook").eval()
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        expected, maps = getter(x), hooks(x)
+    assert len(maps) == 4
+    for nchw, nhwc, chans in zip(expected, maps, hooks.feature_info.channels(), strict=True):
+        assert nhwc.shape[-1] == chans
+        torch.testing.assert_close(nhwc.permute(0, 3, 1, 2), nchw)

@@ -216,6 +216,32 @@ def test_double_backward_of_unfused_ops() -> None:
         assert torch.autograd.gradgradcheck(lambda a, v: na2d_av(a, v, 3, (2, 1)), [attn, k])
 
 
+@pytest.mark.parametrize("op", ["na2d", "na2d_qk", "na2d_av"])
+def test_outputs_take_in_place_changes(op: str) -> None:
+    """The outputs are the user's tensors: changed in place (a residual ``out += x``), they give the
+    reference's values and gradients (autograd forbids in-place changes of a view made inside a
+    custom op, and the kernels' outputs had been views of a buffer with slack)."""
+    q, k, v, rpb = _inputs((1, 2, 9, 10, 4), (3, 3), True, 3)
+    attn = torch.randn(1, 2, 9, 10, 9, dtype=torch.float64).softmax(-1).requires_grad_()
+    inputs = {
+        "na2d": (
+            [t.detach().permute(0, 2, 3, 1, 4).requires_grad_() for t in (q, k, v)] + [rpb],
+            lambda a, b, c, r: na2d(a, b, c, 3, (2, 3), r),
+        ),
+        "na2d_qk": ([q, k], lambda a, b: na2d_qk(a, b, 3, (2, 3))),  # with rpb, the output is a sum
+        "na2d_av": ([attn, v], lambda a, b: na2d_av(a, b, 3, (2, 3))),
+    }
+    tensors, fn = inputs[op]
+    results = []
+    for backend in ("cpu", "reference"):
+        with use_backend(backend):
+            out = fn(*tensors)
+            out += 1.5 * out.detach() + 1
+            out.mul_(2)
+        results.append((out, torch.autograd.grad(out.square().sum(), tensors)))
+    torch.testing.assert_close(results[0], results[1])
+
+
 def test_double_backward_of_the_fused_op() -> None:
     """create_graph=True: the fused op's backward runs through the differentiable primitives."""
     q, k, v, rpb = _inputs((1, 2, 6, 7, 3), (3, 5), True, 2)

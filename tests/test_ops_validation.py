@@ -58,6 +58,10 @@ def test_tensor_errors() -> None:
         na2d(*tokens[:2], tokens[2][..., :3], 3)
     with pytest.raises(ValueError, match="scale must be a float or None, got 'x'"):
         na2d(*tokens, 3, scale="x")
+    with pytest.raises(ValueError, match="scale must be a float or None, got True"):
+        na2d(*tokens, 3, scale=True)
+    numpy = pytest.importorskip("numpy")
+    torch.testing.assert_close(na2d(*tokens, 3, scale=numpy.float32(0.5)), na2d(*tokens, 3, scale=0.5))
     empty = torch.zeros(1, 8, 9, 2, 0)
     with pytest.raises(ValueError, match=r"q has head dim 0 \(shape \(1, 8, 9, 2, 0\)\): there is no default scale"):
         na2d(empty, empty, empty, 3)

@@ -86,9 +86,9 @@ def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, Tensor]:
             )
         obj = obj[found]
     state_dict = dict(obj)
-    for prefix in PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    # until none is left, in any order (torch.compile of a DDP model saves "_orig_mod.module.")
+    while state_dict and (prefix := next((p for p in PREFIXES if all(k.startswith(p) for k in state_dict)), None)):
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -221,8 +221,11 @@ def resize_rpb(state_dict: Mapping[str, Tensor], kernel_size: int | tuple[int, i
     for key, table in state_dict.items():
         if not key.endswith("rpb"):
             continue
-        if table.dim() != 3:
-            raise ValueError(f"{key} must be (heads, 2k-1, 2k-1), got shape {tuple(table.shape)}")
+        if table.dim() != 3 or any((side + 1) % 4 != 2 for side in table.shape[1:]):  # 2k-1 for an odd k
+            raise ValueError(
+                f"{key} must be a neighborhood-attention table (heads, 2k-1, 2k-1) with k odd, got shape "
+                f"{tuple(table.shape)} (ViT-rpb's full-attention tables are not resized)"
+            )
         if tuple(table.shape[1:]) != size:
             resized = F.interpolate(table[None].float(), size=size, mode="bicubic", align_corners=False)
             out[key] = resized[0].to(table.dtype)
@@ -269,9 +272,10 @@ DOWNLOAD_HINT = "\ndownload the file and pass it with --checkpoint (validate) or
 
 
 def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
-    """For weights with fallback URLs (:data:`dinat.models._common.ALT_URLS`), download the first
-    URL that exists and point ``kwargs['pretrained_cfg_overlay']`` at the cached file. Does nothing
-    when the cfg already names a file or state_dict, or has no fallbacks."""
+    """Download the pretrained weights of ``variant`` (the cfg's URL, then its fallbacks in
+    :data:`dinat.models._common.ALT_URLS`) and point ``kwargs['pretrained_cfg_overlay']`` at the
+    cached file; none downloading is a :class:`CheckpointError` naming every URL tried and the way
+    out. Does nothing when the cfg already names a file or state_dict, or has no URL."""
     from timm.models._builder import resolve_pretrained_cfg
     from timm.models._hub import download_cached_file
 
@@ -280,11 +284,11 @@ def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
     url = cfg.get("url")
-    if cfg.get("file") or cfg.get("state_dict") or url not in ALT_URLS:
+    if cfg.get("file") or cfg.get("state_dict") or not url:
         return
     cache = {"cache_dir": kwargs["cache_dir"]} if kwargs.get("cache_dir") else {}  # as timm.create_model's
     errors = []
-    for candidate in (url, *ALT_URLS[url]):
+    for candidate in (url, *ALT_URLS.get(url, ())):
         try:
             path = download_cached_file(candidate, check_hash=False, progress=True, **cache)
         except OSError as err:  # urllib's HTTPError / URLError are OSErrors

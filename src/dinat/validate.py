@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoints import DOWNLOAD_HINT, EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
+from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
 from .config import AMP_DTYPES, INTERPOLATIONS, ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
@@ -95,11 +95,6 @@ def create_model(
         raise
     except ValueError as error:  # the model's checks of its arguments
         raise ConfigError(f"{name}: {error}") from None
-    except OSError as error:  # urllib's URLError / HTTPError: offline, or the file moved
-        if not pretrained:
-            raise
-        url = timm.models.get_pretrained_cfg_value(name, "url")
-        raise CheckpointError(f"could not download the weights of {name} from {url}: {error}{DOWNLOAD_HINT}") from None
 
 
 def check_classes(model_classes: int, data_classes: int | None) -> None:

@@ -284,8 +284,10 @@ class HierarchicalModel(ClassifierMixin, nn.Module):
             for i, depth in enumerate(depths)
         )
         setattr(self, self.stages_name, stages)
+        # a stage ends with the next level's downsample (the original's layout): its map is its last block's
         self.feature_info = [
-            dict(num_chs=embed_dim * 2**i, reduction=4 * 2**i, module=f"{self.stages_name}.{i}") for i in range(n)
+            dict(num_chs=embed_dim * 2**i, reduction=4 * 2**i, module=f"{self.stages_name}.{i}.blocks.{depth - 1}")
+            for i, depth in enumerate(depths)
         ]
         self.norm = nn.LayerNorm(embed_dim * 2 ** (n - 1))
         self._build_head(embed_dim * 2 ** (n - 1), num_classes, global_pool, drop_rate)
@@ -398,7 +400,8 @@ def create(
     **kwargs: Any,
 ) -> nn.Module:
     """build_model_with_cfg with the checkpoint filter, the feature getter for the 4-stage models,
-    and the alternative-URL fallback of :func:`dinat.checkpoints.resolve_download`."""
+    and pretrained weights downloaded by :func:`dinat.checkpoints.resolve_download` (fallback URLs,
+    a clear error offline)."""
     from ..checkpoints import checkpoint_filter_fn, resolve_download
 
     if pretrained:

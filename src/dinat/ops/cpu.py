@@ -130,11 +130,17 @@ def _launch(name: str, operands: tuple, out: Tensor, features: Tensor, kernel, d
     )  # fmt: skip
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A contiguous tensor followed by the slack the kernels may read past its end."""
+def _with_slack(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A contiguous view of a buffer that goes on for the slack the kernels may read past its end."""
     numel = math.prod(shape)
-    buffer = torch.empty(numel + _SLACK, dtype=dtype)
-    return buffer[:numel].view(shape)
+    return torch.empty(numel + _SLACK, dtype=dtype)[:numel].view(shape)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``_with_slack`` as a tensor that owns the storage, for the custom ops' outputs: they are the
+    users' tensors, and autograd forbids in-place changes (``out += x``) to a view made inside a
+    custom op. Eager only (torch.compile traces no ``set_``)."""
+    return torch.empty(0, dtype=dtype).set_(_with_slack(shape, dtype).untyped_storage(), 0, shape)
 
 
 def _operand(x: Tensor) -> Tensor:
@@ -143,7 +149,7 @@ def _operand(x: Tensor) -> Tensor:
         readable = x.untyped_storage().nbytes() // x.element_size() - x.storage_offset()
         if readable - x.numel() >= _SLACK:
             return x
-    out = _empty(tuple(x.shape), x.dtype)
+    out = _with_slack(tuple(x.shape), x.dtype)
     out.copy_(x)
     return out
 
@@ -344,7 +350,7 @@ def _transposed_operand(x: Tensor) -> Tensor | None:
     position_step = x.stride(1) if width == 1 else x.stride(2)
     if not channels_run or (height > 1 and width > 1 and x.stride(1) != width * x.stride(2)):
         return None
-    out = _empty((batch * heads, dim, height, width), x.dtype)
+    out = _with_slack((batch * heads, dim, height, width), x.dtype)
     threads = torch.get_num_threads() if x.numel() >= 100_000 else 1
     fn = getattr(_library(), f"na_to_channel_major_{_NATIVE[x.dtype]}")
     fn(x.data_ptr(), out.data_ptr(), batch, height * width, heads * dim, x.stride(0), position_step, threads)
@@ -362,7 +368,7 @@ class _ChannelMajor(torch.autograd.Function):
         ctx.dims, ctx.dtype, ctx.shape = dims, x.dtype, permuted.shape
         out = _transposed_operand(x) if dims == _TOKENS_FIRST else None
         if out is None:
-            out = _empty((permuted.shape[0] * permuted.shape[1], *permuted.shape[2:]), _compute_dtype(x))
+            out = _with_slack((permuted.shape[0] * permuted.shape[1], *permuted.shape[2:]), _compute_dtype(x))
             out.view(permuted.shape).copy_(permuted)
         return out
 

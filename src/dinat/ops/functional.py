@@ -198,7 +198,7 @@ def na2d(
         if q.shape[-1] == 0:
             raise ValueError(f"q has head dim 0 (shape {tuple(q.shape)}): there is no default scale D ** -0.5")
         scale = q.shape[-1] ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # numbers.Real: numpy scalars too
         raise ValueError(f"scale must be a float or None, got {scale!r}")
     return _backend_for(q).na2d(q, k, v, kernel, dil, rpb, float(scale))
 

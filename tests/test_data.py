@@ -3,6 +3,7 @@ grayscale / RGBA), and the per-sample seeding that makes runs resumable."""
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import pytest
 import torch
@@ -138,6 +139,13 @@ def test_training_on_a_bad_image_fails_naming_it_or_skips_it(tmp_path, capsys):
     with pytest.warns(UserWarning, match="skipped 2 bad image"):
         summary = train.main([*args, "--skip-bad-images"])
     assert summary["epoch"] == 1
+    # read in a loader process, the error is still one line naming the file
+    from dinat.cli import main
+
+    assert main(["train", *args, "--workers", "1", "--output", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: cannot read image .*(corrupt\.png|truncated\.jpg).*--skip-bad-images[^\n]*\)\n$", err)
+    assert "Traceback" not in err and "worker" not in err
 
 
 def test_cli_reports_data_errors(tmp_path, capsys):

@@ -382,6 +382,20 @@ def test_output_folder_errors(trained, tmp_path, capsys):
     common = [str(root), *TINY, "--epochs", "1"]
     assert cli_main(["train", *common, "--output", str(out)]) == 2
     assert f"{out} holds a run already: continue it with --resume {out / 'last.pth'}" in capsys.readouterr().err
+    run = tmp_path / "run"
+    train.main([*common, "--max-steps", "2", "--output", str(run)])
+    config = (run / "config.yaml").read_text()
+    assert cli_main(["train", *common, "--output", str(out), "--resume", str(run / "last.pth")]) == 2
+    message = f"{out} holds another run than {run / 'last.pth'}: leave out --output to continue that run in its folder"
+    assert message in capsys.readouterr().err
+    # refused before anything is written: the run's folder keeps its config
+    assert cli_main(["train", *common, "--resume", str(run / "last.pth"), "--max-steps", "2", "--lr", "9"]) == 2
+    assert "nothing to train: " in capsys.readouterr().err and (run / "config.yaml").read_text() == config
+    assert cli_main(["train", "--epochs", "1", "--output", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+    # without --output a resumed run goes on in its own folder
+    summary = train.main([*common, "--resume", str(run / "last.pth"), "--max-steps", "3"])
+    assert summary["step"] == 3 and torch.load(run / "last.pth")["step"] == 3
     (tmp_path / "afile").touch()
     assert cli_main(["train", *common, "--output", str(tmp_path / "afile")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err

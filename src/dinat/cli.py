@@ -65,9 +65,19 @@ def main(argv=None) -> int:
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ConfigError, DataError, CheckpointError, OSError) as e:  # OSError: a path that cannot be used
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_own_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _own_message(error: Exception) -> str:
+    """The error's message; for one raised in a DataLoader worker (torch re-raises it with the
+    worker's whole traceback as its message), the last line of that, without the error's name."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.partition(": ")[2] or last
 
 
 if __name__ == "__main__":

@@ -89,8 +89,8 @@ class Config:
     channels_last: bool = False
     attention: str = "auto"  # neighborhood-attention backend: auto | cpu | flex | triton | reference
     deterministic: bool = False
-    output: str = "output/train"
-    resume: str = ""
+    output: str = "output/train"  # with resume: the checkpoint's folder
+    resume: str = ""  # a last.pth (or checkpoint-N.pth) of `dinat train` to continue
     checkpoint_interval: int = 0  # also save last.pth every N steps (0: only at epoch ends)
     checkpoint_hist: int = 3  # best checkpoints kept
     eval_metric: str = "top1"
@@ -308,6 +308,8 @@ def make_config(
         if key not in CONFIG_KEYS:
             raise ConfigError(_suggest(key, CONFIG_KEYS, "config key"))
         values[key] = _coerce(key, value)
+    if values.get("resume") and "output" not in values:  # a resumed run goes on in its own folder
+        values["output"] = str(Path(values["resume"]).parent)
     return validate(Config(**values), check_model=check_model)
 
 

@@ -259,13 +259,16 @@ def _train(cfg: Config) -> dict:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file, not a folder")
-    if (out / "last.pth").exists() and not cfg.resume:  # never overwrite another run's checkpoints
+    # never overwrite another run's checkpoints: only a resumed run writes into its own folder
+    if (out / "last.pth").exists() and not cfg.resume:
         raise ConfigError(
             f"{out} holds a run already: continue it with --resume {out / 'last.pth'}, or pick another --output"
         )
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+    if (out / "last.pth").exists() and out.resolve() != Path(cfg.resume).resolve().parent:
+        raise ConfigError(
+            f"{out} holds another run than {cfg.resume}: leave out --output to continue that run in its "
+            f"folder ({Path(cfg.resume).parent}), or pick an empty --output"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -379,6 +382,11 @@ def _train(cfg: Config) -> dict:
             f"raise --epochs (now {cfg.epochs}, plus {cfg.cooldown_epochs} of cooldown) to train longer"
         )
     step = start_epoch * steps_per_epoch + start_sample // total_batch
+    if cfg.max_steps and step >= cfg.max_steps:
+        raise ConfigError(f"nothing to train: {cfg.resume} is at step {step}; raise --max-steps (now {cfg.max_steps})")
+    if main_process:  # every check passed: the run is on, and its folder says how it was made
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
     if cfg.resume:
         log(f"resumed {cfg.resume}: epoch {start_epoch + 1}, sample {start_sample}, step {step}")
     if cfg.sched_epochwise:

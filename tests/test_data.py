@@ -4,6 +4,7 @@ grayscale / RGBA), and the per-sample seeding that makes runs resumable."""
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import pytest
 import torch

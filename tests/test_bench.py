@@ -55,3 +55,6 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys) -> None:
         bench.main(["--models", "dinat_nano@fast"])
     with pytest.raises(ConfigError, match="unknown model 'dinat_nanno'.*'dinat_nano'"):
         bench.main(["--models", "dinat_nanno", "--suite", "model"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="attention 'triton': the triton backend is unavailable"):
+            bench.main(["--backend", "triton"])

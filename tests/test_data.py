@@ -207,6 +207,11 @@ def test_validate_without_split_folders(tmp_path):
     write_pngs(tmp_path, per_class=2, splits=("flat",))
     ds, classes = build_eval_dataset(folder_config(tmp_path / "flat"))
     assert (len(ds), classes) == (4, 2)
+    # numbered by its own 2 folders, the labels cannot be a 3-class model's (one class is missing)
+    with pytest.raises(DataError, match=r"numbered by its 2 class folders, so they cannot be those of a model of 3"):
+        build_eval_dataset(folder_config(tmp_path / "flat", num_classes=3))
+    with pytest.raises(DataError, match=r"train_split 'trian': no folder .*trian"):
+        build_eval_dataset(folder_config(tmp_path, val_split="flat", train_split="trian"))
 
 
 @pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "augmix-m5-w4-d2", "original", "v0"])

@@ -90,8 +90,22 @@ def test_cli_errors(capsys) -> None:
 
     for argv, message in [
         (["--model", "dinat_mini", "--img-size", "0"], r"got (3, 0, 0)"),
-        (["--model", "dinat_mii"], "unknown model 'dinat_mii'"),
+        (["--model", "dinat_mii"], "unknown model 'dinat_mii'; did you mean 'dinat_mini'"),
     ]:
         with pytest.raises(SystemExit) as stop:
             main(["flops", *argv])
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_counts_each_model_at_its_size(capsys) -> None:
+    """Without --img-size, each model at its pretrained-cfg size: SPEC's 89.7 G for dinat_large_384
+    (with the extras its 384 px figures count)."""
+    from dinat.cli import main
+
+    assert main(["flops", "--model", "dinat_mini", "dinat_large_384", "--fvcore-extras"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["dinat_mini", "224x224"]
+    name, size, params, gflops = lines[2].split()
+    assert (name, size, params) == ("dinat_large_384", "384x384", "200.94") and float(gflops) == pytest.approx(
+        89.7, abs=0.05
+    )

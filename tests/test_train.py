@@ -13,6 +13,7 @@ import torch
 import dinat
 from _train_utils import MODEL, TINY, write_pngs
 from dinat import train, validate
+from dinat.checkpoints import CheckpointError
 from dinat.cli import main as cli_main
 from dinat.config import ConfigError
 from dinat.ops import reference
@@ -50,10 +51,6 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
             "--checkpoint",
             str(out / "last.pth"),
             str(root),
-            "--img-size",
-            "32",
-            "--crop-pct",
-            "1.0",
             "--batch-size",
             "8",
             "--workers",
@@ -67,10 +64,49 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "top1" in printed and "img_per_s" in printed
+    # evaluated as trained: the size and crop of the checkpoint's config, not 224 px
+    assert "images: 32 px, crop_pct 1.0, bicubic (the training checkpoint's config)" in printed
     results = json.loads(results_file.read_text())
-    assert results["images"] == 16
+    assert results["images"] == 16 and (results["img_size"], results["crop_pct"]) == (32, 1.0)
     assert results["top1"] == pytest.approx(summary["val_top1"])
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_weights_that_do_not_fit_are_named_once(tmp_path):
+    """Another model's weights: each key listed once, under the model's name; a file holding no
+    weights is named in the error."""
+    torch.save(timm.create_model(MODEL, num_classes=3, kernel_size=3).state_dict(), tmp_path / "k3.pth")
+    message = (
+        rf"k3.pth does not fit {MODEL}: missing \[\], unexpected \[\], other shapes \['levels.0.blocks.0.attn.rpb'"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        validate.load_weights(validate.create_model(MODEL, 3), tmp_path / "k3.pth")
+    torch.save({"x": 1}, tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match=r"junk.pth: checkpoint is neither a state_dict nor a wrapper"):
+        validate.load_weights(validate.create_model(MODEL, 3), tmp_path / "junk.pth")
+
+
+def test_evaluation_preprocessing_as_given_else_trained_else_the_models_cfg():
+    """As timm's validate.py: a model's pretrained cfg sets the default size and crop (384 px, crop 1.0
+    for the 384 models); a `dinat train` checkpoint's config comes first, a flag before both."""
+    none = dict.fromkeys(validate.PREPROCESSING)
+    assert validate.resolve_preprocessing("dinat_large_384", none, {}) == (
+        {"img_size": 384, "crop_pct": 1.0, "interpolation": "bicubic"},
+        "dinat_large_384's pretrained cfg",
+    )
+    cfg = timm.models.get_pretrained_cfg("dinat_mini")
+    assert validate.resolve_preprocessing("dinat_mini", none, {})[0] == {
+        "img_size": 224,
+        "crop_pct": cfg.crop_pct,
+        "interpolation": cfg.interpolation,
+    }
+    trained = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear"}
+    assert validate.resolve_preprocessing("dinat_large_384", dict(none, crop_pct=0.9), trained) == (
+        {"img_size": 32, "crop_pct": 0.9, "interpolation": "bilinear"},
+        "the training checkpoint's config",
+    )
+    given = {"img_size": 64, "crop_pct": 0.95, "interpolation": "bicubic"}
+    assert validate.resolve_preprocessing("dinat_large_384", given, trained) == (given, "as given")
 
 
 def test_ema_weights_are_where_timm_and_validate_look(trained, tmp_path, capsys):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import check_model_name
 from .ops import BACKENDS, cpu, current_backend, na2d, use_backend
+from .validate import attention_backend
 
 # (tokens per side, heads, dilations used at that level) for DiNAT-Mini at 224 px.
 DINAT_MINI_LEVELS = [(56, 2, (1, 8)), (28, 4, (1, 4)), (14, 8, (1, 2)), (7, 16, (1,))]
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--output {args.output} is a file, not a folder")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
+    for backend in {args.backend, *args.compare} - {"auto"}:
+        attention_backend(backend, device)  # a backend that cannot run on the device: a ConfigError
     for name in args.models:
         if name.partition("@")[2] not in ("", *BACKENDS):
             parser.error(f"--models {name}: the backend after '@' must be one of {BACKENDS}")

@@ -2,7 +2,7 @@
 
 dinat train [-c configs/NAME.yml] DATA_DIR [--overrides]
 dinat validate --model NAME (--pretrained | --checkpoint FILE) DATA_DIR
-dinat flops --model NAME [NAME ...] [--img-size 224]
+dinat flops --model NAME [NAME ...] [--img-size N] [--fvcore-extras]
 dinat bench [...]
 """
 
@@ -16,18 +16,25 @@ USAGE = __doc__
 
 def _flops(argv) -> None:
     from . import flops
+    from .config import check_model_name
 
     parser = argparse.ArgumentParser(prog="dinat flops", description="parameters and FLOPs (fvcore, 1 MAC = 1 FLOP)")
     parser.add_argument("--model", nargs="+", required=True)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--img-size", type=int, help="default: each model's pretrained-cfg size (384 for *_384)")
+    parser.add_argument(
+        "--fvcore-extras", action="store_true", help="also count LayerNorm and the rpb add (SPEC's 384 px figures)"
+    )
     args = parser.parse_args(argv)
+    size = None if args.img_size is None else (3, args.img_size, args.img_size)
     try:  # checks the names and the size before counting anything
-        rows = flops.main_table(args.model, (3, args.img_size, args.img_size))
+        for name in args.model:
+            check_model_name(name)
+        rows = flops.main_table(args.model, size, count_norms=args.fvcore_extras, count_bias=args.fvcore_extras)
     except ValueError as error:
         parser.error(str(error))
-    print(f"{'model':<28} {'params (M)':>11} {'GFLOPs':>9}")
-    for name, params, gflops in rows:
-        print(f"{name:<28} {params:>11.2f} {gflops:>9.2f}")
+    print(f"{'model':<28} {'size':>9} {'params (M)':>11} {'GFLOPs':>9}")
+    for name, params, gflops, (_, height, width) in rows:
+        print(f"{name:<28} {f'{height}x{width}':>9} {params:>11.2f} {gflops:>9.2f}")
 
 
 def _bench(argv) -> None:

@@ -108,9 +108,9 @@ def main_table(
     input_size: Sequence[int] | None = None,
     count_norms: bool = False,
     count_bias: bool = False,
-) -> list[tuple[str, float, float]]:
-    """Rows (name, params in M, GFLOPs) for registered model names, built on the meta device (no
-    weights are allocated or computed). ``input_size`` None: each model's pretrained-cfg size."""
+) -> list[tuple[str, float, float, tuple[int, int, int]]]:
+    """Rows (name, params in M, GFLOPs, input size) for registered model names, built on the meta
+    device (no weights are allocated or computed). ``input_size`` None: each model's pretrained-cfg size."""
     from .factory import create_model
 
     rows = []
@@ -119,7 +119,7 @@ def main_table(
             model = create_model(name)
         size = input_size or model.pretrained_cfg["input_size"]
         params, flops = count(model, size, count_norms, count_bias)
-        rows.append((name, params / 1e6, flops / 1e9))
+        rows.append((name, params / 1e6, flops / 1e9, tuple(size)))
     return rows
 
 

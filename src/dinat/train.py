@@ -143,11 +143,11 @@ def write_history(history: list[dict], out: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.plot(epochs, [h["val_top1"] for h in history], label="top-1")
-    ax_acc.plot(epochs, [h["val_top5"] for h in history], label="top-5")
+    ax_acc.plot(epochs, [h["val_top1"] for h in history], "o-", label="top-1")
+    ax_acc.plot(epochs, [h["val_top5"] for h in history], "o-", label="top-5")
     ax_acc.set(xlabel="epoch", ylabel="val accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.legend()

@@ -14,6 +14,7 @@ import json
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -107,18 +108,22 @@ def check_classes(model_classes: int, data_classes: int | None) -> None:
         )
 
 
-def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, use_ema: bool = False, checkpoint: Any = None) -> dict[str, torch.Tensor]:
     """Weights from a state_dict file or a checkpoint wrapping one (`dinat train`'s: `model`, `state_dict_ema`);
-    with ``use_ema`` the EMA weights, which must be there."""
-    obj = read_checkpoint(path)
+    with ``use_ema`` the EMA weights, which must be there. ``checkpoint``: the file's contents, if already read."""
+    obj = read_checkpoint(path) if checkpoint is None else checkpoint
     if use_ema and not (isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in EMA_KEYS)):
         raise CheckpointError(f"{path} has no EMA weights")
-    return unwrap_state_dict(obj, use_ema)
+    try:
+        return unwrap_state_dict(obj, use_ema)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False) -> list[str]:
-    """Load `path` into `model`; a classifier of another shape is left new (fine-tuning). Returns it."""
-    state = read_state_dict(path, use_ema)
+def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False, checkpoint: Any = None) -> list[str]:
+    """Load `path` (``checkpoint``: its contents, if already read) into `model`; a classifier of
+    another shape is left new (fine-tuning). Returns it."""
+    state = read_state_dict(path, use_ema, checkpoint)
     own = model.state_dict()
     new_head = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for k in new_head:
@@ -126,11 +131,12 @@ def load_weights(model: torch.nn.Module, path: str | Path, use_ema: bool = False
     missing, unexpected = model.load_state_dict(state, strict=False)
     heads = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    bad_missing = [k for k in missing if not k.startswith(heads)]
+    bad_missing = [k for k in missing if not k.startswith(heads) and k not in new_head]  # listed as shapes
     bad_shape = [k for k in new_head if not k.startswith(heads)]
     if bad_missing or unexpected or bad_shape:
         raise CheckpointError(
-            f"{path} does not fit {type(model).__name__}: missing {bad_missing[:5]}, "
+            f"{path} does not fit {getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)}: "
+            f"missing {bad_missing[:5]}, "
             f"unexpected {list(unexpected)[:5]}, other shapes {bad_shape[:5]}"
         )
     return new_head
@@ -174,6 +180,25 @@ def evaluate(
     }
 
 
+PREPROCESSING = {"img_size": 224, "crop_pct": 0.875, "interpolation": "bicubic"}
+
+
+def resolve_preprocessing(model: str, given: dict[str, Any], trained: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Image size, crop and interpolation of the evaluation, and where they come from: as given,
+    else the `dinat train` checkpoint's config (``trained``), else the model's pretrained cfg (as
+    timm's validate.py resolves them: dinat_large_384 is evaluated at 384 px, crop 1.0)."""
+    if all(given.get(k) is not None for k in PREPROCESSING):
+        return {k: given[k] for k in PREPROCESSING}, "as given"
+    if trained:
+        source, defaults = "the training checkpoint's config", {k: trained.get(k, v) for k, v in PREPROCESSING.items()}
+    else:
+        cfg = timm.models.get_pretrained_cfg(model)
+        source, defaults = f"{model}'s pretrained cfg", dict(PREPROCESSING)
+        if cfg is not None:
+            defaults = {"img_size": cfg.input_size[-1], "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
+    return {k: defaults[k] if given.get(k) is None else given[k] for k in PREPROCESSING}, source
+
+
 def format_table(rows: dict[str, object]) -> str:
     width = max(len(k) for k in rows)
     return "\n".join(
@@ -194,9 +219,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--train-split", default="train", help="the training folder, whose classes number the labels")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be read")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
+    resolved = "default: a `dinat train` checkpoint's, else the model's pretrained cfg"
+    p.add_argument("--img-size", type=int, help=resolved)
+    p.add_argument("--crop-pct", type=float, help=resolved)
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, help=resolved)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
@@ -214,11 +240,18 @@ def main(argv=None) -> dict:
     from .data import build_eval_dataset, eval_loader
 
     args = build_parser().parse_args(argv)
-    if args.results_file and (Path(args.results_file).is_dir() or Path(args.results_file).parent.is_file()):
+    results_file = Path(args.results_file) if args.results_file else None
+    if results_file and (results_file.is_dir() or any(p.is_file() for p in results_file.parents)):
         raise ConfigError(f"--results-file {args.results_file}: not a file path that can be written")
-    shared = ("model", "data_dir", "dataset", "img_size", "crop_pct", "interpolation", "batch_size", "workers")
+    check_model_name(args.model)
+    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    trained = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    preprocessing, source = resolve_preprocessing(
+        args.model, {k: getattr(args, k) for k in PREPROCESSING}, trained if isinstance(trained, dict) else {}
+    )
+    shared = ("model", "data_dir", "dataset", "batch_size", "workers")
     shared += ("threads", "num_classes", "train_split", "skip_bad_images")  # some not used through cfg: checked there
-    cfg = make_config({**{k: getattr(args, k) for k in shared}, "val_split": args.split})
+    cfg = make_config({**{k: getattr(args, k) for k in shared}, **preprocessing, "val_split": args.split})
     dataset, data_classes = build_eval_dataset(cfg)
     device = pick_device(args.device)
     if args.threads:
@@ -227,10 +260,10 @@ def main(argv=None) -> dict:
         args.model,
         args.num_classes or (None if args.pretrained else data_classes),
         pretrained=args.pretrained,
-        img_size=args.img_size,
+        img_size=cfg.img_size,
     )
     if args.checkpoint:
-        new_head = load_weights(model, args.checkpoint, use_ema=args.use_ema)
+        new_head = load_weights(model, args.checkpoint, use_ema=args.use_ema, checkpoint=checkpoint)
         if new_head:  # a new, random classifier would report chance-level accuracy
             raise CheckpointError(
                 f"{args.checkpoint}: its classifier ({', '.join(new_head)}) is not for {model.num_classes} "
@@ -244,6 +277,7 @@ def main(argv=None) -> dict:
         model = torch.compile(model)
     autocast, _ = autocast_and_scaler(args.amp, args.amp_dtype, device)
     attention_backend(args.attention, device)
+    print(f"images: {cfg.img_size} px, crop_pct {cfg.crop_pct}, {cfg.interpolation} ({source})", flush=True)
     with use_backend(args.attention):
         results = evaluate(
             model,
@@ -252,9 +286,9 @@ def main(argv=None) -> dict:
             autocast,
             channels_last=args.channels_last,
         )
-    results = {"model": args.model, "weights": args.checkpoint or "pretrained", **results}
+    results = {"model": args.model, "weights": args.checkpoint or "pretrained", **preprocessing, **results}
     print(format_table(results))
-    if args.results_file:
-        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results_file).write_text(json.dumps(results, indent=2) + "\n")
+    if results_file:
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -191,8 +191,16 @@ def build_eval_dataset(cfg):
     else:  # val/, validation/, or the class folders themselves
         folder = next((root / n for n in VAL_NAMES if (root / n).is_dir()), root)
     train = root / cfg.train_split
+    if cfg.train_split != "train" and not train.is_dir():  # asked for: it must be there
+        raise DataError(f"train_split {cfg.train_split!r}: no folder {train}")
     classes = class_folders(train) if folder != root and train.is_dir() else None
     ds = ImageFolder(folder, classes=classes, skip_bad_images=cfg.skip_bad_images)
+    if classes is None and cfg.num_classes and cfg.num_classes != len(ds.classes):
+        raise DataError(
+            f"{folder}: its labels are numbered by its {len(ds.classes)} class folders, so they cannot be "
+            f"those of a model of {cfg.num_classes} classes; put the training folder beside it "
+            f"({train}) to number the classes as in training"
+        )
     return Transformed(ds, eval_transform(cfg)), len(ds.classes)
 
 

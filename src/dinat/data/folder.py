@@ -90,11 +90,10 @@ class ImageFolder(Dataset):
             ok = list(pool.map(_is_readable, [f for f, _ in self.samples]))
         self.skipped = [f for (f, _), good in zip(self.samples, ok, strict=True) if not good]
         self.samples = [s for s, good in zip(self.samples, ok, strict=True) if good]
-        for f in self.skipped:
-            warnings.warn(f"skipping unreadable image {f}", stacklevel=2)
-        if self.skipped:
+        if self.skipped:  # one warning, naming the files
+            total = len(self.skipped) + len(self.samples)
             warnings.warn(
-                f"{self.root}: skipped {len(self.skipped)} bad image(s) of {len(self.skipped) + len(self.samples)}",
+                f"{self.root}: skipped {len(self.skipped)} bad image(s) of {total}: " + ", ".join(self.skipped),
                 stacklevel=2,
             )
         if not self.samples:

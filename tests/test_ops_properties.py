@@ -180,6 +180,19 @@ def test_unfused_ops_with_float32_weights_and_bfloat16_values(backend) -> None:
     torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("size", [9, 6], ids=["kernels", "whole-windows"])
+def test_float32_inputs_under_autocast_keep_their_dtype(backend, size) -> None:
+    """As NATTEN's ops (and the documented contract): outputs in the inputs' dtype under autocast
+    too, on every backend (the reference's einsums would give the autocast dtype)."""
+    q, k, v = (torch.randn(1, 2, size, size, 8) for _ in range(3))
+    attn, rpb = torch.randn(1, 2, size, size, 9).softmax(-1), torch.randn(2, 5, 5)
+    tokens = [t.permute(0, 2, 3, 1, 4) for t in (q, k, v)]
+    with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = [na2d_qk(q, k, 3, 2), na2d_qk(q, k, 3, 2, rpb), na2d_av(attn, v, 3, 2), na2d(*tokens, 3, 2, rpb)]
+    assert [t.dtype for t in outputs] == [torch.float32] * 4
+
+
 def test_module_dropout_path_under_autocast() -> None:
     """Training with attention dropout (the unfused path) under bf16 autocast runs and stays close."""
     module = NeighborhoodAttention2D(dim=32, num_heads=2, kernel_size=5, dilation=2, attn_drop=0.1).train()

@@ -11,6 +11,9 @@ Every entry point validates its arguments once, normalises ``kernel_size`` / ``d
 * ``"reference"``: the definition in plain PyTorch (:mod:`dinat.ops.reference`), the fallback.
 
 ``use_backend(name)`` forces one (tests and benchmarks compare them).
+
+Outputs are in the inputs' dtype (q's, or v's for ``na2d_av``), under autocast too, as NATTEN's:
+a backend's matmuls may run in the autocast dtype, its result is cast back.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ def na2d_qk(q: Tensor, k: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 
     _check_same("k", k, "q", q, tuple(q.shape))
     _check_extent(q.shape[2], q.shape[3], kernel, dil)
     _check_rpb(rpb, q.shape[1], kernel, q)
-    return _backend_for(q).na2d_qk(q, k, kernel, dil, rpb)
+    return _backend_for(q).na2d_qk(q, k, kernel, dil, rpb).to(q.dtype)  # autocast: see the module doc
 
 
 def na2d_av(attn: Tensor, v: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1) -> Tensor:
@@ -170,7 +173,7 @@ def na2d_av(attn: Tensor, v: Tensor, kernel_size: IntOrPair, dilation: IntOrPair
     also = torch.float32 if v.dtype in _LOW_PRECISION else None
     _check_same("attn", attn, "v", v, tuple(v.shape[:4]) + (kernel[0] * kernel[1],), also_dtype=also)
     _check_extent(v.shape[2], v.shape[3], kernel, dil)
-    return _backend_for(v).na2d_av(attn, v, kernel, dil)
+    return _backend_for(v).na2d_av(attn, v, kernel, dil).to(v.dtype)
 
 
 def na2d(
@@ -200,7 +203,7 @@ def na2d(
         scale = q.shape[-1] ** -0.5
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # numbers.Real: numpy scalars too
         raise ValueError(f"scale must be a float or None, got {scale!r}")
-    return _backend_for(q).na2d(q, k, v, kernel, dil, rpb, float(scale))
+    return _backend_for(q).na2d(q, k, v, kernel, dil, rpb, float(scale)).to(q.dtype)
 
 
 def current_backend(x: Tensor) -> str:

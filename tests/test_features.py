@@ -54,14 +54,16 @@ def test_out_indices_and_consistency() -> None:
     torch.testing.assert_close(maps[1], inter[3])
 
 
+@pytest.mark.parametrize("feature_cls", ["hook", "fx"])
 @pytest.mark.parametrize("name", ["nat_mini", "dinat_s_tiny"])
-def test_hook_features_are_the_stage_maps(name: str) -> None:
+def test_hook_and_fx_features_are_the_stage_maps(name: str, feature_cls: str) -> None:
     """feature_info's modules (timm's hook and fx feature nets use them) give each stage's map
-    before the next level's downsample: the getter's maps, in the blocks' NHWC layout."""
+    before the next level's downsample: the getter's maps, in the blocks' NHWC layout. torch.fx
+    traces the blocks; modules with shape-dependent code are leaves (timm's register_notrace_module)."""
     torch.manual_seed(0)
     getter = timm.create_model(name, features_only=True).eval()
     torch.manual_seed(0)  # the same weights
-    hooks = timm.create_model(name, features_only=True, feature_cls="hook").eval()
+    hooks = timm.create_model(name, features_only=True, feature_cls=feature_cls).eval()
     x = torch.randn(1, 3, 96, 160)
     with torch.no_grad():
         expected, maps = getter(x), hooks(x)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from torch import Tensor, nn
 
 from .ops import na2d, na2d_av, na2d_qk
 from .ops.functional import IntOrPair, check_kernel_and_dilation
 
 
+@register_notrace_module  # torch.fx: a leaf (shape-dependent padding, custom ops)
 class NeighborhoodAttention2D(nn.Module):
     """Multi-head dilated neighborhood attention over a channels-last (B, H, W, C) map.
 

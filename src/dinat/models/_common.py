@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
@@ -131,6 +131,7 @@ class Stage(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
+@register_notrace_module  # torch.fx: a leaf (checks and pads its input)
 class PatchEmbed(nn.Module):
     """Swin-style patch embedding: zero-pad the image bottom/right to a multiple of ``patch_size``,
     Conv2d(patch_size, stride patch_size), LayerNorm; returns (B, H, W, C)."""

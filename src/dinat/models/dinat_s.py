@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -31,6 +32,7 @@ from ._common import (
 )
 
 
+@register_notrace_module  # torch.fx: a leaf (pads odd maps)
 class PatchMerging(nn.Module):
     """Swin patch merging on (B, H, W, C): pad odd H/W at the bottom/right, concatenate the four
     2x2-strided sub-grids, LayerNorm(4C), Linear(4C, 2C, bias=False)."""

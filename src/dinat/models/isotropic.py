@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ def relative_position_index(size: int) -> Tensor:
     return d_row * (2 * size - 1) + d_col
 
 
+@register_notrace_module  # torch.fx: a leaf (checks the token grid)
 class RelPosSelfAttention(nn.Module):
     """Full multi-head self-attention over a (B, GRID, GRID, C) map, with a learned bias per head
     and relative offset (key minus query, as in neighborhood attention)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -29,6 +30,7 @@ from ._common import (
 )
 
 
+@register_notrace_module  # torch.fx: a leaf (checks its input)
 class ConvTokenizer(nn.Module):
     """Two Conv2d(3x3, stride 2, pad 1) (no activation between), then LayerNorm, channels last."""
 

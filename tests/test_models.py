@@ -4,6 +4,7 @@ interface, and clear errors for bad inputs."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import timm
@@ -15,7 +16,7 @@ from conftest import cpu_backends
 from dinat import NeighborhoodAttention2D
 from dinat.models import MODEL_NAMES
 from dinat.models.isotropic import relative_position_index
-from dinat.ops import use_backend
+from dinat.ops import requested_backend, use_backend
 
 GOLDEN_KEYS = sorted(torch.load("tests/data/models.pt")["results"])
 
@@ -150,13 +151,19 @@ def test_grad_checkpointing_same_gradients(name: str) -> None:
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_grad_checkpointing_recomputes() -> None:
+def test_grad_checkpointing_recomputes_on_the_forward_backend() -> None:
+    """The recomputation runs on the forward's backend even in another thread (CUDA's backward runs
+    in autograd's device thread, where use_backend's thread-local choice is not seen)."""
     model = timm.create_model("dinat_nano")
     model.set_grad_checkpointing(True)
-    calls = []
-    model.levels[0].blocks[0].attn.register_forward_hook(lambda *a: calls.append(1))
-    model(torch.randn(1, 3, 32, 32)).sum().backward()
-    assert len(calls) == 2  # forward, then recomputed in backward
+    backends = []
+    model.levels[0].blocks[0].attn.register_forward_hook(lambda *a: backends.append(requested_backend()))
+    with use_backend("reference"):
+        loss = model(torch.randn(1, 3, 32, 32)).sum()
+    backward = threading.Thread(target=loss.backward)
+    backward.start()
+    backward.join()
+    assert backends == ["reference", "reference"]  # forward, then recomputed in backward
 
 
 @pytest.mark.parametrize("name", ["nat_isotropic_small", "vitrpb_small"])

@@ -264,3 +264,21 @@ def test_cuda_half_precision_close_to_fp32(dtype):
             return na2d(q, k, v, kernel, dil, rpb, scale=32**-0.5)
 
     assert_half_close_to_float32(attend, *_inputs(kernel, True, grid=(2, 28, 30, 4, 32), device="cuda"), dtype)
+
+
+def test_deterministic_mode_refuses_the_cuda_rpb_gradient() -> None:
+    """flex's CUDA backward adds the rpb gradient up with atomic adds: under
+    torch.use_deterministic_algorithms that is an error (a warning with warn_only), as torch's own
+    nondeterministic ops are; the CPU path (the reference's gradients) and inference are fine."""
+    flex.check_deterministic("cuda", True)  # deterministic mode off
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="rpb gradient is not deterministic"):
+            flex.check_deterministic("cuda", True)
+        flex.check_deterministic("cuda", False)
+        flex.check_deterministic("cpu", True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="rpb gradient is not deterministic"):
+            flex.check_deterministic("cuda", True)
+    finally:
+        torch.use_deterministic_algorithms(False)

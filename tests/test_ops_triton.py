@@ -5,6 +5,8 @@ there half precision means float16 only.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -92,6 +94,32 @@ def test_wide_float32_heads_go_elsewhere_on_gpus_with_less_shared_memory(monkeyp
         assert (reason == "") == ok and (ok or f"needs 102656 bytes of shared memory per block; {name} has" in reason)
         assert triton_na.unavailable_reason(gpu(torch.float32, 128)) == ""
         assert triton_na.unavailable_reason(gpu(torch.bfloat16, 256)) == ""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton installed")
+def test_float32_precision_follows_both_tf32_apis() -> None:
+    """TF32 for float32 products as either of PyTorch's switches sets it (reading the legacy
+    allow_tf32 raises once the newer fp32_precision has been set: every launch failed then). In a
+    subprocess: the switches are process-wide."""
+    script = """
+import torch
+from dinat.ops import triton_na
+seen = [triton_na._fp32_precision()]
+torch.backends.cuda.matmul.allow_tf32 = True
+seen.append(triton_na._fp32_precision())
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+seen.append(triton_na._fp32_precision())
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+seen.append(triton_na._fp32_precision())
+torch.backends.cuda.matmul.fp32_precision = "none"
+torch.backends.fp32_precision = "tf32"
+seen.append(triton_na._fp32_precision())
+print(seen)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(["ieee", "tf32", "tf32", "ieee", "tf32"])
 
 
 def _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, tile) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import NeighborhoodAttention2D
+from ..ops import requested_backend, use_backend
 
 URL_ROOT = "https://shi-labs.com/projects/"
 ALT_URLS: dict[str, tuple[str, ...]] = {}  # checkpoint url -> urls to try when it is not found
@@ -91,10 +92,18 @@ class NATBlock(nn.Module):
 
 def run_blocks(blocks: nn.ModuleList, x: Tensor, grad_checkpointing: bool) -> Tensor:
     """Run ``blocks`` in order; with ``grad_checkpointing`` (and grad enabled) each block recomputes
-    its activations in the backward pass (torch.utils.checkpoint)."""
+    its activations in the backward pass (torch.utils.checkpoint), on the attention backend of the
+    forward pass: the recomputation may run in another thread (autograd's, on CUDA), where
+    ``use_backend``'s thread-local choice is not seen."""
+    backend = requested_backend()
+
+    def recomputable(block: nn.Module, x: Tensor) -> Tensor:
+        with use_backend(backend):
+            return block(x)
+
     for block in blocks:
         if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            x = checkpoint(block, x, use_reentrant=False)
+            x = checkpoint(recomputable, block, x, use_reentrant=False)
         else:
             x = block(x)
     return x

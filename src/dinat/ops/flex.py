@@ -39,6 +39,7 @@ import functools
 import os
 import shutil
 import sys
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -357,12 +358,24 @@ class _CpuNA2D(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def check_deterministic(device_type: str, rpb_needs_grad: bool) -> None:
+    """Under ``torch.use_deterministic_algorithms``, refuse (or with ``warn_only`` warn about) an rpb
+    gradient on CUDA: flex_attention's backward adds it up with atomic adds, in no fixed order."""
+    if device_type != "cuda" or not rpb_needs_grad or not torch.are_deterministic_algorithms_enabled():
+        return
+    message = "flex_attention's rpb gradient is not deterministic (atomic adds): use the triton backend"
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(message)
+    warnings.warn(message, stacklevel=3)
+
+
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dil: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     """Fused neighborhood attention, tokens-first (B, H, W, heads, D), on flex_attention (maps whose
     dilation groups are single windows: batched attention, :mod:`dinat.ops.grouped`)."""
     if grouped.is_whole(q.shape[1], q.shape[2], kernel, dil):
         return grouped.attention(q, k, v, kernel, dil, rpb, scale)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
+    check_deterministic(q.device.type, needs_grad and rpb is not None and rpb.requires_grad)
     if q.device.type == "cpu":
         if needs_grad:
             return _CpuNA2D.apply(q, k, v, rpb, kernel, dil, scale)

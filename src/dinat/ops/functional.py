@@ -50,8 +50,13 @@ def use_backend(name: BackendName) -> Iterator[None]:
         _state.backend = previous
 
 
+def requested_backend() -> BackendName:
+    """The backend ``use_backend`` asks for in this thread ('auto' outside any)."""
+    return getattr(_state, "backend", "auto")
+
+
 def _backend_for(x: Tensor):
-    name = getattr(_state, "backend", "auto")
+    name = requested_backend()
     if name == "reference":
         return reference
     if name == "triton" or (name == "auto" and x.device.type == "cuda"):
@@ -212,4 +217,4 @@ def current_backend(x: Tensor) -> str:
     return "triton" if module == "triton_na" else module
 
 
-__all__ = ["na2d", "na2d_av", "na2d_qk", "use_backend", "current_backend", "as_pair", "BACKENDS"]
+__all__ = ["na2d", "na2d_av", "na2d_qk", "use_backend", "requested_backend", "current_backend", "as_pair", "BACKENDS"]

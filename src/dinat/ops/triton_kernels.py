@@ -43,8 +43,10 @@ def _group_len(extent, group, dilation):
 
 @triton.jit
 def _tokens(base, b, row, n, cols, d, s_b, s_h, s_w, s_n):
-    """Pointers to the features d of tokens (b, row, cols, head n) of a (B, H, W, heads, D) tensor."""
-    return base + b * s_b + row * s_h + n * s_n + cols[:, None] * s_w + d[None, :]
+    """Pointers to the features d of tokens (b, row, cols, head n) of a (B, H, W, heads, D) tensor
+    (64-bit row and head offsets: one image's tokens may span over 2**31 elements; within a row,
+    32 bits)."""
+    return base + b * s_b + row.to(tl.int64) * s_h + n.to(tl.int64) * s_n + cols[:, None] * s_w + d[None, :]
 
 
 @triton.jit

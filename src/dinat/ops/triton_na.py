@@ -109,6 +109,15 @@ def _tile_sizes(key_side: bool, tile: int, kw: int) -> dict:
     return {"BLOCK_M": window, "BLOCK_N": tile} if key_side else {"BLOCK_M": tile, "BLOCK_N": window}
 
 
+def _fp32_precision() -> str:
+    """'tf32' where float32 matmuls may use TF32, set by either of PyTorch's APIs (as its flex
+    attention reads it: the legacy ``allow_tf32`` raises once the newer ``fp32_precision`` is set)."""
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if setting != "none":
+        return "tf32" if setting == "tf32" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool = False) -> dict:
     """Compile-time parameters of kernel ``name`` but the fused kernels' tiles: the fused op's
     'forward', 'delta', 'query' (dq, rpb) and 'key' (dk, dv), and the primitives 'dot',
@@ -118,12 +127,11 @@ def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_
         return dict(BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     if name in ("dot", "weighted_sum"):  # (queries, kw, D) tiles, no matrix product
         return dict(KH=kh, KW=kw, KW_PAD=_next_power_of_2(kw), BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
-    fp32_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     params = dict(
         KH=kh,
         KW=kw,
         BLOCK_D=max(16, _next_power_of_2(head_dim)),  # tl.dot needs 16
-        PRECISION=fp32_precision if dtype == torch.float32 else "tf32",
+        PRECISION=_fp32_precision() if dtype == torch.float32 else "tf32",
     )
     if name == "scatter":
         return {**params, **_tile_sizes(True, _BLOCK, kw)}
@@ -308,8 +316,8 @@ def _(q, k, v, rpb, kernel, dilation, scale):
 @functools.lru_cache(maxsize=64)
 def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device) -> Tensor:
     """(H * kh, 2kh - 1) float64 one-hot: the rpb row of each query row's i-th key row."""
-    _, rows = reference.axis_neighborhood(height, kernel_h, dilation_h)
-    return torch.nn.functional.one_hot(rows.flatten(), 2 * kernel_h - 1).to(device, torch.float64)
+    _, rows = reference.axis_neighborhood(height, kernel_h, dilation_h, device)  # made there: no copy
+    return torch.nn.functional.one_hot(rows.flatten(), 2 * kernel_h - 1).to(torch.float64)  # (in a CUDA graph)
 
 
 @torch.library.custom_op("dinat::na2d_triton_backward", mutates_args=())

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 import yaml
 
 import dinat  # noqa: F401
 from dinat.config import Config, ConfigError, make_config
+from dinat.train import build_scheduler
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -121,7 +123,9 @@ def test_config_values_equal_the_recipe(name):
     for key, value in {**RECIPE, **EXPECTED[name]}.items():
         got = getattr(cfg, key)
         assert got == (pytest.approx(value) if isinstance(value, (float, tuple)) else value), (name, key)
-    assert cfg.schedule_epochs() == cfg.epochs + cfg.cooldown_epochs
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    _, epochs = build_scheduler(cfg, optimizer, steps_per_epoch=10)
+    assert epochs == cfg.epochs + cfg.cooldown_epochs  # the cooldown at min_lr comes after the schedule
 
 
 def test_defaults_are_the_recipe():

@@ -13,7 +13,15 @@ from PIL import Image
 from _train_utils import MODEL, TINY, write_pngs
 from dinat import train
 from dinat.config import make_config
-from dinat.data import DataError, Digits, ImageFolder, ResumableSampler, build_datasets, build_eval_dataset
+from dinat.data import (
+    DataError,
+    Digits,
+    ImageFolder,
+    ResumableSampler,
+    build_datasets,
+    build_eval_dataset,
+    class_folders,
+)
 
 
 def folder_config(root, **kw):
@@ -201,6 +209,13 @@ def test_validate_numbers_classes_as_training_does(tmp_path, capsys):
         build_eval_dataset(folder_config(""))
     assert main(["validate", "--model", MODEL, "--pretrained", "--dataset", "digts"]) == 2
     assert "unknown dataset 'digts'; did you mean 'digits'?" in capsys.readouterr().err
+
+
+def test_classes_are_numbered_in_timms_natural_order(tmp_path):
+    """'2' before '10', as timm (and so the original) numbered class folders."""
+    for name in ("10", "2", "1", "b", "a10", "a9", ".hidden"):
+        (tmp_path / name).mkdir()
+    assert class_folders(tmp_path) == ["1", "2", "10", "a9", "a10", "b"]
 
 
 def test_validate_without_split_folders(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -15,7 +16,7 @@ from _train_utils import MODEL, TINY, write_pngs
 from dinat import train, validate
 from dinat.checkpoints import CheckpointError
 from dinat.cli import main as cli_main
-from dinat.config import ConfigError
+from dinat.config import ConfigError, make_config
 from dinat.ops import reference
 
 
@@ -70,6 +71,58 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
     assert results["images"] == 16 and (results["img_size"], results["crop_pct"]) == (32, 1.0)
     assert results["top1"] == pytest.approx(summary["val_top1"])
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_random_erasing_follows_mixing(trained, tmp_path, monkeypatch):
+    """With mixup/cutmix the batch is erased after it is mixed (the original's loader mixed in its
+    collate and erased after it); without, each image is erased in its transform."""
+    from timm.data.random_erasing import RandomErasing
+
+    from dinat.data import train_transform
+
+    root, _, _ = trained
+    events = []
+
+    class Mixing(train.Mixup):
+        def __call__(self, x, y):
+            events.append("mix")
+            return super().__call__(x, y)
+
+    class Erasing(train.RandomErasing):
+        def __call__(self, x):
+            events.append("erase")
+            return super().__call__(x)
+
+    monkeypatch.setattr(train, "Mixup", Mixing)
+    monkeypatch.setattr(train, "RandomErasing", Erasing)
+    mixing = ["--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.5"]
+    train.main([str(root), *TINY, *mixing, "--epochs", "1", "--max-steps", "2", "--output", str(tmp_path)])
+    assert events == ["mix", "erase"] * 2
+
+    def erasers(**overrides):
+        transform = train_transform(make_config({"img_size": 32, **overrides}, check_model=False))
+        return [t for t in transform.transforms if isinstance(t, RandomErasing)]
+
+    assert erasers(mixup=0.8, reprob=0.5) == [] and len(erasers(mixup=0.0, cutmix=0.0, reprob=0.5)) == 1
+
+
+def test_logged_lr_ema_and_constant_schedule(trained, tmp_path):
+    """metrics.csv's lr is the one the epoch's last step used; the EMA averages from its first update
+    (decay 0.5: half the initial weights, half those after one step); 'constant' has no cooldown."""
+    root, _, _ = trained
+    cosine = ["--epochs", "1", "--sched", "cosine", "--lr", "1e-3", "--min-lr", "1e-5"]
+    summary = train.main([str(root), *TINY, *cosine, "--output", str(tmp_path / "cosine")])
+    # 16 images, batch 4: steps t = 0..3 of a 4-step cosine; the last used t = 3, not t = 4 (min_lr)
+    assert summary["lr"] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 3 / 4)))
+    ema = ["--model-ema", "--model-ema-decay", "0.5", "--max-steps", "1", "--drop-path", "0"]
+    train.main([str(root), *TINY, *ema, "--epochs", "1", "--output", str(tmp_path / "ema")])
+    ckpt = torch.load(tmp_path / "ema" / "last.pth")
+    torch.manual_seed(42)  # the run's seed: its initial weights
+    initial = timm.create_model(MODEL, num_classes=2, drop_path_rate=0.0).state_dict()
+    expected = 0.5 * initial["head.weight"] + 0.5 * ckpt["model"]["head.weight"]
+    torch.testing.assert_close(ckpt["state_dict_ema"]["head.weight"], expected)
+    constant = ["--sched", "constant", "--epochs", "1", "--cooldown-epochs", "2"]
+    assert train.main([str(root), *TINY, *constant, "--output", str(tmp_path / "constant")])["epoch"] == 1
 
 
 def test_weights_that_do_not_fit_are_named_once(tmp_path):
@@ -270,6 +323,7 @@ def test_nan_loss_is_caught_at_the_next_log_step_before_anything_is_saved(tmp_pa
         ("auto", "cuda", False, torch.float16, True),
         ("float16", "cuda", True, torch.float16, True),
         ("bfloat16", "cuda", True, torch.bfloat16, False),
+        ("float16", "cpu", False, torch.float16, True),
     ],
 )
 def test_amp_is_bfloat16_by_default_and_float16_gets_a_scaler(

@@ -82,7 +82,7 @@ class Config:
     # run
     seed: int = 42
     amp: bool = True
-    amp_dtype: str = "auto"  # auto: bfloat16 (float16 on GPUs without it); float16 gets a grad scaler on CUDA
+    amp_dtype: str = "auto"  # auto: bfloat16 (float16 on GPUs without it); float16 gets a grad scaler
     device: str = "auto"
     threads: int = 0  # CPU threads per process (0: torch's default)
     compile: bool = False
@@ -92,14 +92,10 @@ class Config:
     output: str = "output/train"  # with resume: the checkpoint's folder
     resume: str = ""  # a last.pth (or checkpoint-N.pth) of `dinat train` to continue
     checkpoint_interval: int = 0  # also save last.pth every N steps (0: only at epoch ends)
-    checkpoint_hist: int = 3  # best checkpoints kept
+    checkpoint_hist: int = 4  # best checkpoints kept (the original's default)
     eval_metric: str = "top1"
     max_steps: int = 0  # stop after this many optimizer steps in total (0: train all epochs)
     log_interval: int = 10  # steps between progress-bar updates and checks that the loss is finite
-
-    def schedule_epochs(self) -> int:
-        """Epochs the run lasts: the schedule plus the cooldown at min_lr (as in the original)."""
-        return self.epochs + self.cooldown_epochs
 
 
 CONFIG_KEYS = [f.name for f in fields(Config)]

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
@@ -233,6 +234,24 @@ def effective_lr(cfg: Config, world: int) -> float:
     return cfg.lr if cfg.lr_base is None else cfg.lr_base * cfg.batch_size * world / cfg.lr_base_size
 
 
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """timm's scheduler for ``cfg`` (per iteration unless ``sched_epochwise``; ``linear`` is timm's
+    poly of power 1) and the epochs the run lasts, as timm counts them: ``epochs`` plus the cooldown
+    at min_lr, none for ``constant``."""
+    return create_scheduler_v2(
+        optimizer,
+        sched={"linear": "poly"}.get(cfg.sched, cfg.sched),
+        decay_rate=1.0,  # poly power 1
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        cooldown_epochs=cfg.cooldown_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=cfg.sched_epochwise,
+        updates_per_epoch=steps_per_epoch,
+    )
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="dinat train", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir_pos", nargs="?", metavar="DATA_DIR", help="folder with train/ and val/")
@@ -312,8 +331,10 @@ def _train(cfg: Config) -> dict:
     )
 
     # -- loss, optimizer (no weight decay on rpb, norms, biases), per-iteration schedule, AMP ------
-    mixup = None
+    mixup, erase = None, None
     if uses_mixup(cfg):
+        if cfg.reprob > 0:
+            erase = RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
         mixup = Mixup(
             mixup_alpha=cfg.mixup,
             cutmix_alpha=cfg.cutmix,
@@ -335,19 +356,7 @@ def _train(cfg: Config) -> dict:
     optimizer = create_optimizer_v2(
         groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)
     )
-    num_epochs = cfg.schedule_epochs()  # timm leaves the cooldown out of some schedules ('constant')
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched={"linear": "poly"}.get(cfg.sched, cfg.sched),
-        decay_rate=1.0,  # poly power 1
-        num_epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs,
-        cooldown_epochs=cfg.cooldown_epochs,
-        warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr,
-        step_on_epochs=cfg.sched_epochwise,
-        updates_per_epoch=steps_per_epoch,
-    )
+    scheduler, num_epochs = build_scheduler(cfg, optimizer, steps_per_epoch)
     autocast, scaler = autocast_and_scaler(cfg.amp, cfg.amp_dtype, device)
 
     # -- resume: weights, optimizer, scaler, EMA, position, history, random states ------------------
@@ -379,7 +388,7 @@ def _train(cfg: Config) -> dict:
     if start_epoch >= num_epochs:
         raise ConfigError(
             f"nothing to train: {cfg.resume} is at the end of its {start_epoch} epochs; "
-            f"raise --epochs (now {cfg.epochs}, plus {cfg.cooldown_epochs} of cooldown) to train longer"
+            f"raise --epochs (now {cfg.epochs}, plus {num_epochs - cfg.epochs} of cooldown) to train longer"
         )
     step = start_epoch * steps_per_epoch + start_sample // total_batch
     if cfg.max_steps and step >= cfg.max_steps:
@@ -453,6 +462,8 @@ def _train(cfg: Config) -> dict:
                 x = x.contiguous(memory_format=torch.channels_last)
             if mixup is not None:
                 x, y = mixup(x, y)
+                if erase is not None:  # after mixing, as the original's loader did (see train_transform)
+                    x = erase(x)
             with autocast():
                 loss = criterion(model(x), y)
 
@@ -464,6 +475,7 @@ def _train(cfg: Config) -> dict:
                 loss.backward()
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            lr_used = optimizer.param_groups[0]["lr"]  # (the scheduler sets the next step's below)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -471,7 +483,7 @@ def _train(cfg: Config) -> dict:
                 optimizer.step()
             step += 1
             if ema is not None:
-                ema.update(bare, step=step)
+                ema.update(bare)  # the decay from the first update on, as the original's ModelEmaV2
             if not cfg.sched_epochwise:
                 scheduler.step_update(step)
 
@@ -489,7 +501,7 @@ def _train(cfg: Config) -> dict:
                     raise TrainingDiverged(f"loss is not finite by epoch {epoch + 1}, step {step}; stopping ({kept})")
                 speed = total_batch * (batch_idx + 1 - first_batch) / max(time.perf_counter() - tick, 1e-9)
                 bar.set_postfix_str(
-                    f"loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {speed:.0f} img/s",
+                    f"loss {loss.item():.4f}  lr {lr_used:.2e}  {speed:.0f} img/s",
                     refresh=False,
                 )
             if save_now:
@@ -508,7 +520,7 @@ def _train(cfg: Config) -> dict:
         row = {
             "epoch": epoch + 1,
             "step": step,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr_used,  # of the epoch's last step
             "train_loss": (sums[0] / sums[1].clamp(min=1)).item(),
             "val_loss": metrics["loss"],
             "val_top1": metrics["top1"],

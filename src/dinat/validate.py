@@ -58,7 +58,7 @@ def attention_backend(name: str, device: torch.device) -> str:
 
 def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
     """(context factory, GradScaler or None). ``auto`` is bfloat16 (on CUDA when the GPU supports
-    it, else float16); float16 comes with a GradScaler on CUDA."""
+    it, else float16); float16 comes with a GradScaler (on the CPU too)."""
     if not enabled:
         return contextlib.nullcontext, None
     if amp_dtype not in AMP_DTYPES:
@@ -67,7 +67,7 @@ def autocast_and_scaler(enabled: bool, amp_dtype: str, device: torch.device):
         bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
         amp_dtype = "bfloat16" if bf16 else "float16"
     dtype = getattr(torch, amp_dtype)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # (float16 on the CPU too)
     return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from timm.data import auto_augment, create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..config import uses_mixup
 from .digits import Digits
 from .folder import DataError, ImageFolder, class_folders, find_split, load_rgb
 
@@ -61,6 +62,9 @@ def _augment_ops(transform) -> list:
 
 
 def train_transform(cfg):
+    """timm's training transform. With mixup or cutmix, random erasing is left to the training loop,
+    which erases the mixed batch: the original's loader (timm 0.5's prefetcher) mixed in its collate
+    and erased after it, so that an erased patch is never mixed or cut away."""
     transform = create_transform(
         cfg.img_size,
         is_training=True,
@@ -72,7 +76,7 @@ def train_transform(cfg):
         interpolation=cfg.train_interpolation,
         mean=tuple(cfg.mean),
         std=tuple(cfg.std),
-        re_prob=cfg.reprob,
+        re_prob=0.0 if uses_mixup(cfg) else cfg.reprob,
         re_mode=cfg.remode,
         re_count=cfg.recount,
     )

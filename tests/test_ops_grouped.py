@@ -88,3 +88,16 @@ def test_compiles_cleanly() -> None:
         warnings.simplefilter("error")
         out = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, rpb)
     torch.testing.assert_close(out, attend(q, k, v, rpb))
+
+
+def test_sdpa_on_cuda_unless_only_the_rpb_needs_a_gradient() -> None:
+    """pytorch#148476: SDPA's memory-efficient backward crashed when only the bias required grad."""
+    q = torch.randn(1, 7, 7, 1, 4)
+    rpb = torch.randn(1, 13, 13)
+    assert grouped.sdpa_by_default("cuda", (q, q, q), rpb)
+    assert not grouped.sdpa_by_default("cpu", (q, q, q), rpb)
+    rpb.requires_grad_()
+    assert not grouped.sdpa_by_default("cuda", (q, q, q), rpb)
+    with torch.no_grad():
+        assert grouped.sdpa_by_default("cuda", (q, q, q), rpb)
+    assert grouped.sdpa_by_default("cuda", (q.requires_grad_(), q, q), rpb)

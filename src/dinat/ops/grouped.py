@@ -33,6 +33,14 @@ def _bias_index(kernel: Pair, device: torch.device) -> tuple[Tensor, Tensor]:
     return tuple(t.to(device) for t in index)
 
 
+def sdpa_by_default(device_type: str, features: tuple[Tensor, ...], rpb: Tensor | None) -> bool:
+    """On CUDA, but not when the rpb alone needs a gradient (fine-tuning only the bias tables):
+    the memory-efficient kernel's backward then read a log-sum-exp its forward had not kept, an
+    illegal memory access (pytorch#148476, fixed in 2026; torch >= 2.4 is supported here)."""
+    only_rpb = rpb is not None and rpb.requires_grad and not any(t.requires_grad for t in features)
+    return device_type == "cuda" and not (only_rpb and torch.is_grad_enabled())
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -46,10 +54,11 @@ def attention(
     """na2d for :func:`is_whole` maps, tokens-first (B, H, W, heads, D) in and out.
 
     ``sdpa``: run ``scaled_dot_product_attention`` (fused kernels) rather than matmul + softmax +
-    matmul (faster on the CPU for 49-token groups: see BENCHMARKS.md); by default on CUDA only.
+    matmul (faster on the CPU for 49-token groups: see BENCHMARKS.md); by default as
+    :func:`sdpa_by_default` decides.
     """
     if sdpa is None:
-        sdpa = q.device.type == "cuda"
+        sdpa = sdpa_by_default(q.device.type, (q, k, v), rpb)
     batch, height, width, heads, dim = q.shape
     (kh, kw), (dh, dw) = kernel, dilation
 

@@ -10,6 +10,7 @@ import os
 import pytest
 import timm
 import torch
+import yaml
 
 import dinat
 from _train_utils import MODEL, TINY, write_pngs
@@ -465,6 +466,15 @@ def test_resume_with_another_batch_size_or_more_epochs(trained, tmp_path):
     assert (more["epoch"], more["step"]) == (3, 24)
 
 
+def test_unknown_or_abbreviated_flags_are_errors_suggesting_the_close_ones(capsys):
+    """argparse would take `--epoch 1` for `--epochs 1`; an unknown flag names the close ones."""
+    for command, flag, close in (("train", "--epoch", "--epochs"), ("validate", "--img", "--img-size")):
+        with pytest.raises(SystemExit) as stop:
+            cli_main([command, "--model", MODEL, "--pretrained", flag, "1"])
+        assert stop.value.code == 2
+        assert f"unrecognized arguments: {flag} (did you mean {close}" in capsys.readouterr().err
+
+
 def test_output_folder_errors(trained, tmp_path, capsys):
     """A new run never overwrites another run's checkpoints; paths that cannot be used are errors
     before anything runs; an unknown command says so."""
@@ -483,9 +493,11 @@ def test_output_folder_errors(trained, tmp_path, capsys):
     assert "nothing to train: " in capsys.readouterr().err and (run / "config.yaml").read_text() == config
     assert cli_main(["train", "--epochs", "1", "--output", str(tmp_path / "none")]) == 2
     assert not (tmp_path / "none").exists()
-    # without --output a resumed run goes on in its own folder
-    summary = train.main([*common, "--resume", str(run / "last.pth"), "--max-steps", "3"])
+    # without --output a resumed run goes on in its own folder, with its own settings
+    summary = train.main([str(root), "--resume", str(run / "last.pth"), "--max-steps", "3"])
     assert summary["step"] == 3 and torch.load(run / "last.pth")["step"] == 3
+    resumed = yaml.safe_load((run / "config.yaml").read_text())
+    assert resumed == dict(yaml.safe_load(config), max_steps=3, resume=str(run / "last.pth"))
     (tmp_path / "afile").touch()
     assert cli_main(["train", *common, "--output", str(tmp_path / "afile")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err

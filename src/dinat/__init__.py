@@ -1,6 +1,6 @@
 """dinat: Dilated Neighborhood Attention Transformers on current PyTorch."""
 
-from . import checkpoints, models, ops
+from . import checkpoints, flops, models, ops
 from .factory import create_model, list_models
 from .layers import NeighborhoodAttention2D
 
@@ -9,6 +9,7 @@ __all__ = [
     "NeighborhoodAttention2D",
     "checkpoints",
     "create_model",
+    "flops",
     "list_models",
     "models",
     "ops",

@@ -16,7 +16,6 @@ training step, Linux only), since the CPU allocator keeps no per-model statistic
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import check_model_name
+from .config import ArgumentParser, check_model_name
 from .ops import BACKENDS, cpu, current_backend, na2d, use_backend
 from .validate import attention_backend
 
@@ -258,7 +257,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dinat bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="dinat bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=["op", "model", "all"], default="all")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

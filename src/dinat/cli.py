@@ -8,7 +8,6 @@ dinat bench [...]
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 USAGE = __doc__
@@ -16,13 +15,15 @@ USAGE = __doc__
 
 def _flops(argv) -> None:
     from . import flops
-    from .config import check_model_name
+    from .config import ArgumentParser, check_model_name
 
-    parser = argparse.ArgumentParser(prog="dinat flops", description="parameters and FLOPs (fvcore, 1 MAC = 1 FLOP)")
+    parser = ArgumentParser(prog="dinat flops", description="parameters and FLOPs (fvcore, 1 MAC = 1 FLOP)")
     parser.add_argument("--model", nargs="+", required=True)
     parser.add_argument("--img-size", type=int, help="default: each model's pretrained-cfg size (384 for *_384)")
     parser.add_argument(
-        "--fvcore-extras", action="store_true", help="also count LayerNorm and the rpb add (SPEC's 384 px figures)"
+        "--fvcore-extras",
+        action="store_true",
+        help="also count LayerNorm and the rpb add (the release's published 384 px figures)",
     )
     args = parser.parse_args(argv)
     size = None if args.img_size is None else (3, args.img_size, args.img_size)

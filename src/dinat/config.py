@@ -295,11 +295,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {k: _coerce(k, v) for k, v in data.items()}
 
 
+# What a resumed run does not take from its saved config: where it writes (its checkpoint's folder),
+# where its weights come from (the checkpoint), and where the interrupted invocation was told to stop.
+NOT_RESUMED = ("output", "resume", "pretrained", "initial_checkpoint", "max_steps")
+
+
 def make_config(
-    overrides: dict[str, Any] | None = None, config_file: str | Path | None = None, check_model: bool = True
+    overrides: dict[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    check_model: bool = True,
+    resumed: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults, then the YAML file, then `overrides` (keys as in Config)."""
-    values = load_yaml(config_file) if config_file else {}
+    """Defaults, then ``resumed`` (the saved config of the run being resumed), then the YAML file,
+    then `overrides` (keys as in Config)."""
+    values = {k: _coerce(k, v) for k, v in (resumed or {}).items() if k in CONFIG_KEYS and k not in NOT_RESUMED}
+    values.update(load_yaml(config_file) if config_file else {})
     for key, value in (overrides or {}).items():
         if key not in CONFIG_KEYS:
             raise ConfigError(_suggest(key, CONFIG_KEYS, "config key"))
@@ -317,6 +327,25 @@ def _arg_type(default: Any, annotation: str):
     return type(default) if default is not None else str
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The commands' parser: no abbreviations (``--epoch`` is not taken for ``--epochs``), and an
+    unknown flag is an error that suggests the close ones."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            words = []
+            for word in unknown:
+                close = difflib.get_close_matches(word.partition("=")[0], flags, n=3)
+                words.append(f"{word} (did you mean {', '.join(close)}?)" if close else word)
+            self.error("unrecognized arguments: " + " ".join(words))
+        return parsed
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per Config field; unset flags stay None so they do not override the file."""
     for f in fields(Config):
@@ -331,9 +360,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_arg_type(default, str(f.type)), **kwargs)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, resumed: dict[str, Any] | None = None) -> Config:
     overrides = {k: v for k, v in vars(args).items() if k in CONFIG_KEYS and v is not None}
-    return make_config(overrides, getattr(args, "config", None))
+    return make_config(overrides, getattr(args, "config", None), resumed=resumed)
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

@@ -36,7 +36,15 @@ from tqdm import tqdm
 
 from .checkpoints import CheckpointError, read_checkpoint
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
-from .config import Config, ConfigError, add_config_arguments, as_dict, config_from_args, uses_mixup
+from .config import (
+    ArgumentParser,
+    Config,
+    ConfigError,
+    add_config_arguments,
+    as_dict,
+    config_from_args,
+    uses_mixup,
+)
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
 from .ops import use_backend
 from .validate import (
@@ -174,6 +182,19 @@ TRAINING_KEYS = (
 )
 
 
+def saved_config(path: str | None) -> dict:
+    """The config a `dinat train` checkpoint was trained with ({} for anything else: the resume
+    itself then says what is wrong), read without loading its tensors (memory-mapped)."""
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file: read_training_checkpoint names the problem
+        return {}
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
 def read_training_checkpoint(path: str, model_name: str) -> dict:
     """A `dinat train` checkpoint of ``model_name`` to resume from; anything else is a CheckpointError
     saying what it is."""
@@ -253,7 +274,7 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="dinat train", description=__doc__.split("\n\n")[0])
+    p = parser or ArgumentParser(prog="dinat train", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir_pos", nargs="?", metavar="DATA_DIR", help="folder with train/ and val/")
     p.add_argument("-c", "--config", help="a YAML file of configs/ (values as in the original release)")
     add_config_arguments(p)
@@ -568,7 +589,7 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.data_dir_pos:
         args.data_dir = args.data_dir_pos
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, resumed=saved_config(args.resume))  # a resumed run keeps its settings
     try:
         return train(cfg)
     except TrainingDiverged as e:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
-from .config import AMP_DTYPES, INTERPOLATIONS, ConfigError, check_model_name, make_config
+from .config import AMP_DTYPES, INTERPOLATIONS, ArgumentParser, ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
 
@@ -207,7 +207,7 @@ def format_table(rows: dict[str, object]) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="dinat validate", description=__doc__.split("\n\n")[0])
+    p = parser or ArgumentParser(prog="dinat validate", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir", nargs="?", default="", help="folder with val/ or validation/ (or class folders)")
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)

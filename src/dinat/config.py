@@ -347,11 +347,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per Config field; unset flags stay None so they do not override the file."""
+    """One `--flag` per Config field; unset flags stay None so they do not override the file (the
+    help shows the built-in default, which a config file or a resumed run's settings replace)."""
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": None,
+            "help": f"default: {shown!s}" if shown != "" else None,
+        }
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):

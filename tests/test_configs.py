@@ -194,6 +194,7 @@ def test_timm_names_are_accepted(key, value):
         ("batch_size", 3.5, "batch_size must be an integer, got 3.5"),
         ("batch_size", "64", "batch_size must be an integer, got '64'"),
         ("epochs", -1, "epochs must be > 0, got -1"),
+        ("epochs", 5, "warmup_epochs 20 is not below epochs 5: the lr would never leave its warmup"),
         ("log_interval", 0, "log_interval must be > 0, got 0"),
         ("checkpoint_interval", -5, "checkpoint_interval must be >= 0, got -5"),
         ("workers", -1, "workers must be >= 0, got -1"),

@@ -211,6 +211,11 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{name} must be three numbers (R, G, B), got {values!r}")
     if not all(v > 0 for v in cfg.std):
         raise ConfigError(f"std must be > 0, got {cfg.std!r}")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # e.g. --epochs 5 with the recipe's warmup 20
+        raise ConfigError(
+            f"warmup_epochs {cfg.warmup_epochs} is not below epochs {cfg.epochs}: the lr would never leave its "
+            "warmup; lower --warmup-epochs"
+        )
 
 
 def uses_mixup(cfg: Config) -> bool:

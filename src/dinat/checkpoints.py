@@ -92,6 +92,12 @@ def unwrap_state_dict(obj: Any, use_ema: bool = True) -> dict[str, Tensor]:
     return state_dict
 
 
+def training_config(checkpoint: Any) -> dict[str, Any]:
+    """The settings a `dinat train` checkpoint (its contents) was trained with; {} for anything else."""
+    config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    return config if isinstance(config, dict) else {}
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """The object in a ``.pth`` (``torch.load``, weights only) or ``.safetensors`` file, on the CPU.
     A missing file is a FileNotFoundError, an unreadable one (truncated, not a checkpoint) a

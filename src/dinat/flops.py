@@ -14,8 +14,8 @@ How it counts, independently of the attention backend:
 
 Two optional extras reproduce other conventions: ``count_norms`` adds fvcore's LayerNorm handle
 (5 per element), ``count_bias`` adds NATTEN's fvcore handle's one add per logit for the relative
-positional bias. The defaults reproduce the release's published figures at 224 px; its 384-px figures for the large
-models were made with both extras on (see tests/test_flops.py).
+positional bias. The defaults reproduce the release's published figures at 224 px; its 384-px
+figures for the large models were made with both extras on (see tests/test_flops.py).
 
 The count runs one forward pass of batch 1. A model built on the meta device
 (``with torch.device("meta"): model = create_model(...)``) is counted without computing anything.

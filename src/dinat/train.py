@@ -34,7 +34,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 from tqdm import tqdm
 
-from .checkpoints import CheckpointError, read_checkpoint
+from .checkpoints import CheckpointError, read_checkpoint, training_config
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
 from .config import (
     ArgumentParser,
@@ -188,11 +188,9 @@ def saved_config(path: str | None) -> dict:
     if not path or not os.path.isfile(path):
         return {}
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return training_config(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception:  # noqa: BLE001 - any unreadable file: read_training_checkpoint names the problem
         return {}
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    return config if isinstance(config, dict) else {}
 
 
 def read_training_checkpoint(path: str, model_name: str) -> dict:

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
-from .config import AMP_DTYPES, INTERPOLATIONS, ArgumentParser, ConfigError, check_model_name, make_config
+from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, training_config, unwrap_state_dict
+from .config import AMP_DTYPES, INTERPOLATIONS, ArgumentParser, Config, ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
 
@@ -180,7 +180,7 @@ def evaluate(
     }
 
 
-PREPROCESSING = {"img_size": 224, "crop_pct": 0.875, "interpolation": "bicubic"}
+PREPROCESSING = {k: getattr(Config, k) for k in ("img_size", "crop_pct", "interpolation")}  # and their defaults
 
 
 def resolve_preprocessing(model: str, given: dict[str, Any], trained: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -245,9 +245,8 @@ def main(argv=None) -> dict:
         raise ConfigError(f"--results-file {args.results_file}: not a file path that can be written")
     check_model_name(args.model)
     checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
-    trained = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     preprocessing, source = resolve_preprocessing(
-        args.model, {k: getattr(args, k) for k in PREPROCESSING}, trained if isinstance(trained, dict) else {}
+        args.model, {k: getattr(args, k) for k in PREPROCESSING}, training_config(checkpoint)
     )
     shared = ("model", "data_dir", "dataset", "batch_size", "workers")
     shared += ("threads", "num_classes", "train_split", "skip_bad_images")  # some not used through cfg: checked there

@@ -40,9 +40,9 @@ def _built(module: str) -> str | None:
     return spec.origin if spec is not None else None
 
 
-def _load_build() -> ctypes.CDLL:
-    """The fastest build this CPU runs (setup.py); raises OSError when none loads."""
-    lib = ctypes.CDLL(_built(_PORTABLE))
+def _load_build(portable: str) -> ctypes.CDLL:
+    """The fastest build this CPU runs (setup.py), ``portable`` asked which; raises OSError when none loads."""
+    lib = ctypes.CDLL(portable)
     fast = _built(_X86_64_V3)
     if fast is not None and lib.na_cpu_runs_x86_64_v3():
         lib = ctypes.CDLL(fast)
@@ -53,10 +53,11 @@ def _load_build() -> ctypes.CDLL:
 def _library() -> ctypes.CDLL | str:
     """The compiled kernels, or the reason they cannot be loaded."""
     override = os.environ.get("DINAT_CPU_KERNELS")  # another build, e.g. the tests' AddressSanitizer one
-    if override is None and _built(_PORTABLE) is None:
+    portable = _built(_PORTABLE)
+    if override is None and portable is None:
         return "the C kernels were not built at install time (reinstall with a C compiler present)"
     try:
-        lib = _load_build() if override is None else ctypes.CDLL(override)
+        lib = _load_build(portable) if override is None else ctypes.CDLL(override)
     except OSError as err:
         if override is not None:  # asked for explicitly: say so rather than fall back silently
             reason = f"DINAT_CPU_KERNELS={override!r} cannot be loaded ({err}); CPU ops use the reference"

@@ -39,6 +39,7 @@ def test_loss_decreases_and_files_appear(trained):
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[-1] < losses[0], losses
     assert json.loads((out / "summary.json").read_text())["val_top1"] == summary["val_top1"]
+    assert summary["epoch"] == 4 and summary["epoch_complete"]
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
 
 
@@ -269,8 +270,15 @@ def test_lr_is_as_given_unless_lr_base():
     from dinat.config import make_config
 
     assert train.effective_lr(make_config({"lr": 1e-3, "batch_size": 128}, check_model=False), 8) == 1e-3
-    scaled = make_config({"lr_base": 1e-3, "lr_base_size": 1024, "batch_size": 64}, check_model=False)
-    assert train.effective_lr(scaled, 4) == pytest.approx(1e-3 * 256 / 1024)
+    base = {"lr_base": 1e-3, "lr_base_size": 1024, "batch_size": 64}
+    # timm's rule: the square root of the batch ratio for adaptive optimizers, linear for SGD
+    assert train.effective_lr(make_config(base, check_model=False), 4) == pytest.approx(1e-3 * 0.5)
+    assert train.effective_lr(make_config({**base, "opt": "lamb"}, check_model=False), 4) == pytest.approx(5e-4)
+    assert train.effective_lr(make_config({**base, "opt": "sgd"}, check_model=False), 4) == pytest.approx(2.5e-4)
+    linear = make_config({**base, "lr_base_scale": "linear"}, check_model=False)
+    assert train.effective_lr(linear, 4) == pytest.approx(1e-3 * 256 / 1024)
+    with pytest.raises(ConfigError, match="lr_base_scale.*'cube'"):
+        make_config({**base, "lr_base_scale": "cube"}, check_model=False)
 
 
 @pytest.mark.slow
@@ -440,7 +448,9 @@ def test_resume_with_another_batch_size_or_more_epochs(trained, tmp_path):
     rates of a run that had that batch size from the start."""
     root, _, _ = trained
     common = [str(root), *TINY, "--epochs", "2"]
-    train.main([*common, "--max-steps", "3", "--output", str(tmp_path / "a")])  # batch 4 of 16 images
+    partial = train.main([*common, "--max-steps", "3", "--output", str(tmp_path / "a")])  # batch 4 of 16 images
+    assert partial["step"] == 3 and partial["epoch"] == 1 and not partial["epoch_complete"]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["epoch_complete"] is False
     ckpt = torch.load(tmp_path / "a" / "last.pth")
     assert (ckpt["epoch"], ckpt["samples"], ckpt["step"]) == (0, 12, 3)
     resume = ["--resume", str(tmp_path / "a" / "last.pth")]

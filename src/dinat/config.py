@@ -50,6 +50,7 @@ class Config:
     lr: float = 1e-3  # used as given (it was tuned for a total batch of 1024)
     lr_base: float | None = None  # if set: lr = lr_base * total batch / lr_base_size
     lr_base_size: int = 1024
+    lr_base_scale: str = ""  # "": timm's rule, sqrt for adaptive optimizers (ada*, lamb), else linear
     opt: str = "adamw"
     opt_eps: float = 1e-8
     opt_betas: tuple[float, ...] = (0.9, 0.999)
@@ -104,6 +105,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # The settings that take one of a few names (timm accepts some wrong ones silently, or fails late).
 CHOICES = {
     "sched": ("cosine", "linear", "constant"),
+    "lr_base_scale": ("", "linear", "sqrt"),
     "attention": BACKENDS,
     "amp_dtype": AMP_DTYPES,
     "interpolation": INTERPOLATIONS,
@@ -358,11 +360,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": None,
-            "help": f"default: {shown!s}" if shown != "" else None,
-        }
+        notes = [f"default: {shown!s}"] if shown != "" else []
+        if f.name in CHOICES:
+            notes.append("one of " + ", ".join(repr(choice) for choice in CHOICES[f.name]))
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": "; ".join(notes) or None}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):

@@ -7,7 +7,8 @@
 The file reads top to bottom: setup, data, model, optimizer and schedule, resume, the loop,
 the end. Everything comes from timm (transforms, mixup/cutmix, losses, optimizer, schedulers,
 EMA) and torch (AMP, DDP). The learning rate is used as given (the original's 1e-3 is for a total
-batch of 1024); `--lr-base` scales it by the total batch instead.
+batch of 1024); `--lr-base` scales it by the total batch instead (as timm: by its square root for
+AdamW, unless `--lr-base-scale linear`).
 """
 
 from __future__ import annotations
@@ -249,8 +250,14 @@ def max_rank_divergence(model: torch.nn.Module) -> float:
 
 
 def effective_lr(cfg: Config, world: int) -> float:
-    """The lr as given (the original's way), or --lr-base scaled by the total batch."""
-    return cfg.lr if cfg.lr_base is None else cfg.lr_base * cfg.batch_size * world / cfg.lr_base_size
+    """The lr as given (the original's way), or --lr-base scaled by the total batch as timm scales it:
+    by its square root for adaptive optimizers (ada*, lamb), linearly otherwise, unless
+    --lr-base-scale says which."""
+    if cfg.lr_base is None:
+        return cfg.lr
+    ratio = cfg.batch_size * world / cfg.lr_base_size
+    scale = cfg.lr_base_scale or ("sqrt" if any(name in cfg.opt.lower() for name in ("ada", "lamb")) else "linear")
+    return cfg.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -546,7 +553,10 @@ def _train(cfg: Config) -> dict:
             "val_top5": metrics["top5"],
         }
         if finished and mid_epoch:
-            break  # stopped by --max-steps in the middle of an epoch: last.pth is already saved
+            # stopped by --max-steps in the middle of an epoch: last.pth is already saved; the summary
+            # says that its train loss and metrics are of a part of the epoch
+            log(f"stopped by --max-steps at step {step}, batch {batch_idx + 1} of {end_batch} in epoch {epoch + 1}")
+            break
         history.append(row)
         if cfg.sched_epochwise:
             scheduler.step(epoch + 1)
@@ -566,6 +576,7 @@ def _train(cfg: Config) -> dict:
     # -- the end ---------------------------------------------------------------------------------
     summary = {
         **row,
+        "epoch_complete": not (finished and mid_epoch),  # False: row is of a part of that epoch
         "best_top1": max([h["val_top1"] for h in history], default=row["val_top1"]),
         "world_size": world,
         "output": str(out),

@@ -226,6 +226,7 @@ def test_alternative_url(monkeypatch, tmp_path) -> None:
         return str(tmp_path / "w.pth")
 
     monkeypatch.setattr("timm.models._hub.download_cached_file", fake_download)
+    torch.save(timm.create_model("dinat_s_tiny").state_dict(), tmp_path / "w.pth")
     kwargs: dict = {}
     resolve_download("dinat_s_tiny", kwargs)
     assert tried[0].endswith("dinat_s_tiny_in1k_224.pth") and tried[1].endswith("dinat_s_tiny_1k_224.pth")
@@ -234,7 +235,6 @@ def test_alternative_url(monkeypatch, tmp_path) -> None:
     resolve_download("dinat_s_tiny", kwargs)
     assert kwargs == {"pretrained_cfg_overlay": {"file": "local.pth"}} and len(tried) == 2
     # timm.create_model(..., cache_dir=D) downloads into D, the fallback URLs too
-    torch.save(timm.create_model("dinat_s_tiny").state_dict(), tmp_path / "w.pth")
     timm.create_model("dinat_s_tiny", pretrained=True, cache_dir=str(tmp_path / "cache"))
     assert cache_dirs == [None, None, str(tmp_path / "cache"), str(tmp_path / "cache")]
 
@@ -271,3 +271,24 @@ def test_failed_download_is_a_clear_error(monkeypatch, capsys, model) -> None:
     assert "Name or service not known" in err and "--checkpoint" in err and "Traceback" not in err
     with pytest.raises(CheckpointError, match=f"could not download the weights of {model}"):  # the Python API too
         dinat.create_model(model, pretrained=True)
+
+
+def test_bad_cached_download_is_a_clear_error(monkeypatch, tmp_path, capsys) -> None:
+    """A cached download that is truncated (or an HTML page), or holds another model's weights: an
+    error naming the cached file (exit 2, no traceback), which the user can then delete."""
+    from dinat.cli import main
+
+    cached = tmp_path / "dinat_mini_in1k_224.pth"
+    monkeypatch.setattr("timm.models._hub.download_cached_file", lambda url, **kwargs: str(cached))
+    command = ["validate", "--model", "dinat_mini", "--pretrained", "--dataset", "digits", "--device", "cpu"]
+    torch.save(timm.create_model("dinat_s_tiny").state_dict(), cached)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint does not match the model (pretrained weights of dinat_mini in {cached})" in err
+    assert "Traceback" not in err
+    cached.write_bytes(cached.read_bytes()[:100_000])
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"{cached} (the cached download of https://" in err and "delete it to download it again" in err
+    with pytest.raises(CheckpointError, match="delete it to download it again"):  # the Python API too
+        dinat.create_model("dinat_mini", pretrained=True)

@@ -4,14 +4,17 @@ grayscale / RGBA), and the per-sample seeding that makes runs resumable."""
 from __future__ import annotations
 
 import re
+import struct
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
 from _train_utils import MODEL, TINY, write_pngs
 from dinat import train
+from dinat.cli import main
 from dinat.config import make_config
 from dinat.data import (
     DataError,
@@ -149,8 +152,6 @@ def test_training_on_a_bad_image_fails_naming_it_or_skips_it(tmp_path, capsys):
         summary = train.main([*args, "--skip-bad-images"])
     assert summary["epoch"] == 1
     # read in a loader process, the error is still one line naming the file
-    from dinat.cli import main
-
     assert main(["train", *args, "--workers", "1", "--output", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"error: cannot read image .*(corrupt\.png|truncated\.jpg).*--skip-bad-images[^\n]*\)\n$", err)
@@ -158,8 +159,6 @@ def test_training_on_a_bad_image_fails_naming_it_or_skips_it(tmp_path, capsys):
 
 
 def test_cli_reports_data_errors(tmp_path, capsys):
-    from dinat.cli import main
-
     assert main(["train", str(tmp_path / "missing"), "--model", MODEL]) == 2
     assert "data directory not found" in capsys.readouterr().err
     write_pngs(tmp_path, per_class=2)
@@ -195,8 +194,6 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
 
 def test_validate_numbers_classes_as_training_does(tmp_path, capsys):
     """A validation folder without some class keeps the training folder's numbering (dinat train's)."""
-    from dinat.cli import main
-
     write_pngs(tmp_path, classes=3, per_class=2)
     for image in (tmp_path / "val" / "class_0").iterdir():
         image.unlink()
@@ -227,6 +224,19 @@ def test_validate_without_split_folders(tmp_path):
         build_eval_dataset(folder_config(tmp_path / "flat", num_classes=3))
     with pytest.raises(DataError, match=r"train_split 'trian': no folder .*trian"):
         build_eval_dataset(folder_config(tmp_path, val_split="flat", train_split="trian"))
+
+
+def test_pretrained_validation_of_self_numbered_folders_is_refused(tmp_path, monkeypatch, capsys):
+    """--pretrained implies the released head's classes (1000 for ImageNet's): a folder numbered by its
+    own 2 class folders (a subset of ImageNet's, say) is refused, as with --num-classes, before any
+    weights are loaded."""
+    write_pngs(tmp_path, per_class=1, splits=("flat",))
+    monkeypatch.setattr("timm.models.load_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    assert main(["validate", str(tmp_path / "flat"), "--model", MODEL, "--pretrained", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    released = timm.models.get_pretrained_cfg(MODEL).num_classes
+    assert f"numbered by its 2 class folders, so they cannot be those of a model of {released} classes" in err
+    assert "give the folder that holds it and the training folder (train/)" in err
 
 
 @pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "augmix-m5-w4-d2", "original", "v0"])
@@ -278,3 +288,30 @@ def test_resumable_sampler_hands_each_sample_of_an_epoch_out_once_whatever_the_p
             assert sorted(epoch) == data
         assert len(set(data) - set(epoch)) < after, "only the last, uneven samples may be left out"
         assert len(epoch) - len(set(epoch)) < max(before, after), "only the padding repeats samples"
+
+
+def _write_raw_mnist(root, train: int = 8, test: int = 4) -> None:
+    """A local MNIST in torchvision's raw format (nothing is downloaded): 28 x 28 grayscale digits."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", train), ("t10k", test)):
+        pixels = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8).tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + pixels)
+        labels = (np.arange(n) % 10).astype(np.uint8).tobytes()
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels)
+
+
+def test_grayscale_timm_datasets_are_converted_to_rgb(tmp_path):
+    """torchvision's MNIST gives grayscale ("L") images: they reach the model as RGB, as folders' do."""
+    _write_raw_mnist(tmp_path)
+    cfg = make_config({"data_dir": str(tmp_path), "dataset": "torch/mnist", "img_size": 16, "crop_pct": 1.0})
+    train_set, val_set, classes = build_datasets(cfg)
+    assert classes == 10 and train_set[0][0].shape == val_set[0][0].shape == (3, 16, 16)
+    ds, _ = build_eval_dataset(cfg)
+    x, target = ds[1]
+    assert x.shape == (3, 16, 16) and target == 1
+    pixels = x * torch.tensor(cfg.std)[:, None, None] + torch.tensor(cfg.mean)[:, None, None]
+    assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[0], pixels[2], atol=1e-5)
+    summary = train.main([str(tmp_path), "--dataset", "torch/mnist", *TINY, "--epochs", "1", "--output", str(tmp_path / "o")])
+    assert summary["epoch"] == 1

@@ -142,11 +142,13 @@ def test_weights_that_do_not_fit_are_named_once(tmp_path):
 
 
 def test_evaluation_preprocessing_as_given_else_trained_else_the_models_cfg():
-    """As timm's validate.py: a model's pretrained cfg sets the default size and crop (384 px, crop 1.0
-    for the 384 models); a `dinat train` checkpoint's config comes first, a flag before both."""
+    """As timm's validate.py: a model's pretrained cfg sets the default size, crop and normalisation
+    (384 px, crop 1.0 for the 384 models); a `dinat train` checkpoint's config comes first, a flag
+    before both."""
     none = dict.fromkeys(validate.PREPROCESSING)
+    imagenet = {"mean": timm.data.IMAGENET_DEFAULT_MEAN, "std": timm.data.IMAGENET_DEFAULT_STD}
     assert validate.resolve_preprocessing("dinat_large_384", none, {}) == (
-        {"img_size": 384, "crop_pct": 1.0, "interpolation": "bicubic"},
+        {"img_size": 384, "crop_pct": 1.0, "interpolation": "bicubic", **imagenet},
         "dinat_large_384's pretrained cfg",
     )
     cfg = timm.models.get_pretrained_cfg("dinat_mini")
@@ -154,14 +156,32 @@ def test_evaluation_preprocessing_as_given_else_trained_else_the_models_cfg():
         "img_size": 224,
         "crop_pct": cfg.crop_pct,
         "interpolation": cfg.interpolation,
+        **imagenet,
     }
-    trained = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear"}
+    vit = validate.resolve_preprocessing("vit_tiny_patch16_224.augreg_in21k_ft_in1k", none, {})[0]
+    assert vit["mean"] == vit["std"] == (0.5, 0.5, 0.5)
+    # a training config as saved (yaml: lists)
+    trained = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.1] * 3, "std": [0.9] * 3}
     assert validate.resolve_preprocessing("dinat_large_384", dict(none, crop_pct=0.9), trained) == (
-        {"img_size": 32, "crop_pct": 0.9, "interpolation": "bilinear"},
+        {"img_size": 32, "crop_pct": 0.9, "interpolation": "bilinear", "mean": (0.1,) * 3, "std": (0.9,) * 3},
         "the training checkpoint's config",
     )
-    given = {"img_size": 64, "crop_pct": 0.95, "interpolation": "bicubic"}
+    given = {"img_size": 64, "crop_pct": 0.95, "interpolation": "bicubic", "mean": (0.2,) * 3, "std": (0.3,) * 3}
     assert validate.resolve_preprocessing("dinat_large_384", given, trained) == (given, "as given")
+
+
+def test_validate_normalises_as_the_run_trained(trained, tmp_path, capsys):
+    """A run trained with its own mean/std is evaluated with them: validate gives the run's numbers."""
+    root, _, _ = trained
+    norm = ["--mean", "0.1", "0.2", "0.3", "--std", "0.9", "0.8", "0.7"]
+    summary = train.main([str(root), *TINY, "--epochs", "1", *norm, "--output", str(tmp_path)])
+    args = ["--model", MODEL, "--checkpoint", str(tmp_path / "last.pth"), str(root), "--workers", "0"]
+    results = validate.main([*args, "--device", "cpu"])
+    assert "mean (0.1, 0.2, 0.3), std (0.9, 0.8, 0.7) (the training checkpoint's config)" in capsys.readouterr().out
+    assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+    assert results["mean"] == (0.1, 0.2, 0.3) and results["std"] == (0.9, 0.8, 0.7)
+    imagenet = validate.main([*args, "--device", "cpu", "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"])
+    assert imagenet["loss"] != pytest.approx(summary["val_loss"], rel=1e-4)
 
 
 def test_ema_weights_are_where_timm_and_validate_look(trained, tmp_path, capsys):

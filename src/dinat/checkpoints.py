@@ -117,11 +117,17 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path} is not a readable checkpoint: {_load_failure(path, error)}") from error
 
 
+def _is_archive_or_pickle(path: Path) -> bool:
+    """Whether ``path`` can be a torch.save file: a whole zip archive (a truncated one has no central
+    directory), or a pickle (torch's format before 1.6)."""
+    with open(path, "rb") as f:
+        is_pickle = f.read(1) == b"\x80"  # a pickle's protocol opcode
+    return is_pickle or zipfile.is_zipfile(path)
+
+
 def _load_failure(path: Path, error: Exception) -> str:
     """Why torch.load failed on ``path``, in one line."""
-    with open(path, "rb") as f:
-        is_pickle = f.read(1) == b"\x80"  # a pickle's protocol opcode: torch's format before 1.6
-    if path.suffix != ".safetensors" and not (zipfile.is_zipfile(path) or is_pickle):
+    if path.suffix != ".safetensors" and not _is_archive_or_pickle(path):
         return "neither a zip archive nor a pickle (another kind of file, or a truncated one)"
     unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if unsupported:
@@ -211,7 +217,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
         theirs = state_dict.get(f"{first_conv}.weight")
         if own is not None and theirs is not None and own.shape[1] != theirs.shape[1]:
             ignore.append(f"{first_conv}.weight")
-    check_state_dict(model, state_dict, ignore, context=f"pretrained weights of {cfg.get('architecture')}")
+    context = f"pretrained weights of {cfg.get('architecture')}" + (f" in {cfg['file']}" if cfg.get("file") else "")
+    check_state_dict(model, state_dict, ignore, context=context)
     return state_dict
 
 
@@ -300,6 +307,11 @@ def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
         except OSError as err:  # urllib's HTTPError / URLError are OSErrors
             errors.append(f"{candidate}: {err}")
             continue
+        if not path.endswith(".safetensors") and not _is_archive_or_pickle(Path(path)):  # e.g. an HTML page
+            raise CheckpointError(
+                f"{path} (the cached download of {candidate}) is not a readable checkpoint: neither a zip "
+                "archive nor a pickle (a truncated download, or another kind of file); delete it to download it again"
+            )
         kwargs["pretrained_cfg_overlay"] = dict(overlay, file=path)
         return
     raise CheckpointError(f"could not download the weights of {variant}:\n  " + "\n  ".join(errors) + DOWNLOAD_HINT)

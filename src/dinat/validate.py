@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoints import EMA_KEYS, CheckpointError, read_checkpoint, training_config, unwrap_state_dict
+from .checkpoints import (
+    EMA_KEYS,
+    CheckpointError,
+    CheckpointMismatchError,
+    read_checkpoint,
+    training_config,
+    unwrap_state_dict,
+)
 from .config import AMP_DTYPES, INTERPOLATIONS, ArgumentParser, Config, ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
 
@@ -94,6 +101,8 @@ def create_model(
         return timm.create_model(name, **kwargs)
     except CheckpointError:
         raise
+    except CheckpointMismatchError as error:  # released weights (a cached file) that do not fit
+        raise CheckpointError(str(error)) from None
     except ValueError as error:  # the model's checks of its arguments
         raise ConfigError(f"{name}: {error}") from None
 
@@ -180,13 +189,13 @@ def evaluate(
     }
 
 
-PREPROCESSING = {k: getattr(Config, k) for k in ("img_size", "crop_pct", "interpolation")}  # and their defaults
+PREPROCESSING = {k: getattr(Config, k) for k in ("img_size", "crop_pct", "interpolation", "mean", "std")}  # defaults
 
 
 def resolve_preprocessing(model: str, given: dict[str, Any], trained: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Image size, crop and interpolation of the evaluation, and where they come from: as given,
-    else the `dinat train` checkpoint's config (``trained``), else the model's pretrained cfg (as
-    timm's validate.py resolves them: dinat_large_384 is evaluated at 384 px, crop 1.0)."""
+    """Image size, crop, interpolation and normalisation of the evaluation, and where they come from:
+    as given, else the `dinat train` checkpoint's config (``trained``), else the model's pretrained cfg
+    (as timm's validate.py resolves them: dinat_large_384 is evaluated at 384 px, crop 1.0)."""
     if all(given.get(k) is not None for k in PREPROCESSING):
         return {k: given[k] for k in PREPROCESSING}, "as given"
     if trained:
@@ -195,8 +204,19 @@ def resolve_preprocessing(model: str, given: dict[str, Any], trained: dict[str, 
         cfg = timm.models.get_pretrained_cfg(model)
         source, defaults = f"{model}'s pretrained cfg", dict(PREPROCESSING)
         if cfg is not None:
-            defaults = {"img_size": cfg.input_size[-1], "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation}
-    return {k: defaults[k] if given.get(k) is None else given[k] for k in PREPROCESSING}, source
+            defaults = {
+                "img_size": cfg.input_size[-1],
+                "crop_pct": cfg.crop_pct,
+                "interpolation": cfg.interpolation,
+                "mean": cfg.mean,
+                "std": cfg.std,
+            }
+    resolved = {k: defaults[k] if given.get(k) is None else given[k] for k in PREPROCESSING}
+    return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in resolved.items()}, source
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def format_table(rows: dict[str, object]) -> str:
@@ -223,6 +243,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--img-size", type=int, help=resolved)
     p.add_argument("--crop-pct", type=float, help=resolved)
     p.add_argument("--interpolation", choices=INTERPOLATIONS, help=resolved)
+    p.add_argument("--mean", type=float, nargs="+", help=resolved)
+    p.add_argument("--std", type=float, nargs="+", help=resolved)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
@@ -249,8 +271,12 @@ def main(argv=None) -> dict:
         args.model, {k: getattr(args, k) for k in PREPROCESSING}, training_config(checkpoint)
     )
     shared = ("model", "data_dir", "dataset", "batch_size", "workers")
-    shared += ("threads", "num_classes", "train_split", "skip_bad_images")  # some not used through cfg: checked there
-    cfg = make_config({**{k: getattr(args, k) for k in shared}, **preprocessing, "val_split": args.split})
+    shared += ("threads", "train_split", "skip_bad_images")  # some not used through cfg: checked there
+    num_classes = args.num_classes
+    if args.pretrained and num_classes is None:  # the released head's classes number the labels
+        num_classes = getattr(timm.models.get_pretrained_cfg(args.model), "num_classes", None)
+    settings = {**{k: getattr(args, k) for k in shared}, **preprocessing, "num_classes": num_classes}
+    cfg = make_config({**settings, "val_split": args.split})
     dataset, data_classes = build_eval_dataset(cfg)
     device = pick_device(args.device)
     if args.threads:
@@ -276,7 +302,11 @@ def main(argv=None) -> dict:
         model = torch.compile(model)
     autocast, _ = autocast_and_scaler(args.amp, args.amp_dtype, device)
     attention_backend(args.attention, device)
-    print(f"images: {cfg.img_size} px, crop_pct {cfg.crop_pct}, {cfg.interpolation} ({source})", flush=True)
+    print(
+        f"images: {cfg.img_size} px, crop_pct {cfg.crop_pct}, {cfg.interpolation}, "
+        f"mean {_numbers(cfg.mean)}, std {_numbers(cfg.std)} ({source})",
+        flush=True,
+    )
     with use_backend(args.attention):
         results = evaluate(
             model,

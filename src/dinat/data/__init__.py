@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..config import uses_mixup
 from .digits import Digits
-from .folder import DataError, ImageFolder, class_folders, find_split, load_rgb
+from .folder import DataError, ImageFolder, class_folders, find_split, load_rgb, to_rgb
 
 __all__ = [
     "DataError",
@@ -98,7 +98,7 @@ def eval_transform(cfg):
 
 
 class Transformed(Dataset):
-    """`base[i]` = (PIL image, target) through `transform`; with `seed`, under a per-sample seed."""
+    """`base[i]` = (PIL image, target) in RGB through `transform`; with `seed`, under a per-sample seed."""
 
     def __init__(self, base, transform, seed: int | None = None):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
@@ -108,6 +108,8 @@ class Transformed(Dataset):
 
     def __getitem__(self, i: int):
         img, target = self.base[i]
+        if isinstance(img, Image.Image):  # a timm / torchvision dataset's image (folders give RGB already)
+            img = to_rgb(img)
         if self.seed is None:
             return self.transform(img), target
         sample_seed = hash((self.seed, self.epoch, int(i))) & 0x7FFF_FFFF
@@ -200,10 +202,14 @@ def build_eval_dataset(cfg):
     classes = class_folders(train) if folder != root and train.is_dir() else None
     ds = ImageFolder(folder, classes=classes, skip_bad_images=cfg.skip_bad_images)
     if classes is None and cfg.num_classes and cfg.num_classes != len(ds.classes):
+        where = (
+            f"put the training folder beside it ({train})"
+            if folder != root
+            else (f"give the folder that holds it and the training folder ({cfg.train_split}/)")
+        )
         raise DataError(
             f"{folder}: its labels are numbered by its {len(ds.classes)} class folders, so they cannot be "
-            f"those of a model of {cfg.num_classes} classes; put the training folder beside it "
-            f"({train}) to number the classes as in training"
+            f"those of a model of {cfg.num_classes} classes; {where} to number the classes as in training"
         )
     return Transformed(ds, eval_transform(cfg)), len(ds.classes)
 

@@ -19,17 +19,24 @@ class DataError(ValueError):
     """A data directory or file that cannot be used; the message names it."""
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` in RGB (from grayscale of 8 or 16 bits, palette, RGBA, CMYK; RGB as it is)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    elif img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale: Pillow would clip at 255
+        levels = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(levels.round(), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Read an image fully and convert it to RGB (grayscale of 8 or 16 bits, palette, RGBA, CMYK)."""
+    """Read an image fully and convert it to RGB (:func:`to_rgb`)."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here
-            if img.mode == "P":
-                img = img.convert("RGBA")
-            elif img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale: Pillow would clip at 255
-                levels = np.asarray(img, dtype=np.float64) / 257.0
-                img = Image.fromarray(np.clip(levels.round(), 0, 255).astype(np.uint8))
-            return img.convert("RGB")
+            return to_rgb(img) if img.mode != "RGB" else img.copy()  # (the copy outlives the file)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e} (use --skip-bad-images to skip such files)") from e
 

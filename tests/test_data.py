@@ -313,5 +313,6 @@ def test_grayscale_timm_datasets_are_converted_to_rgb(tmp_path):
     assert x.shape == (3, 16, 16) and target == 1
     pixels = x * torch.tensor(cfg.std)[:, None, None] + torch.tensor(cfg.mean)[:, None, None]
     assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[0], pixels[2], atol=1e-5)
-    summary = train.main([str(tmp_path), "--dataset", "torch/mnist", *TINY, "--epochs", "1", "--output", str(tmp_path / "o")])
+    run = [str(tmp_path), "--dataset", "torch/mnist", *TINY, "--epochs", "1", "--output", str(tmp_path / "o")]
+    summary = train.main(run)
     assert summary["epoch"] == 1

@@ -180,7 +180,8 @@ def test_validate_normalises_as_the_run_trained(trained, tmp_path, capsys):
     assert "mean (0.1, 0.2, 0.3), std (0.9, 0.8, 0.7) (the training checkpoint's config)" in capsys.readouterr().out
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
     assert results["mean"] == (0.1, 0.2, 0.3) and results["std"] == (0.9, 0.8, 0.7)
-    imagenet = validate.main([*args, "--device", "cpu", "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"])
+    imagenet = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
+    imagenet = validate.main([*args, "--device", "cpu", *imagenet])
     assert imagenet["loss"] != pytest.approx(summary["val_loss"], rel=1e-4)
 
 

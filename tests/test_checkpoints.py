@@ -25,6 +25,7 @@ from dinat.checkpoints import (
     resolve_download,
     save_checkpoint,
     unwrap_state_dict,
+    write_text_atomic,
 )
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -207,6 +208,21 @@ def test_save_checkpoint_atomic(tmp_path, monkeypatch) -> None:
     monkeypatch.undo()
     assert torch.load(path)["a"].sum() == 0  # the old file is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pth"]  # no temporary left
+
+
+def test_run_files_are_replaced_atomically(tmp_path, monkeypatch) -> None:
+    """config.yaml, summary.json, metrics and results files: a failed write (here, the disk full at
+    fsync) keeps the previous file whole and leaves no temporary file."""
+    path = tmp_path / "config.yaml"
+    write_text_atomic(path, "lr: 0.001\n")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(CheckpointError, match=rf"could not write {path}: .*No space left on device; the previous file"):
+        write_text_atomic(path, "lr: 0.002\n" * 1000)
+    assert path.read_text() == "lr: 0.001\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
 
 
 def current_umask() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,8 @@ def test_pretrained_weights_that_do_not_exist_are_a_clear_error(capsys):
         ("opt", "slow_adamw", r"opt: unknown timm optimizer 'slow_adamw'"),
         ("aa", "rand-q9", r"aa 'rand-q9' is not a timm auto-augment policy"),
         ("aa", "autoaugment", r"aa 'autoaugment' is not a timm auto-augment policy"),
+        ("opt", "adahessian", r"opt 'adahessian' needs second-order gradients"),  # failed at the first step
+        ("opt", "adan", r"opt 'adan' takes 3 betas \(--opt-betas\), got \(0.9, 0.999\); Adan's paper uses"),
     ],
 )
 def test_unknown_names_are_clear_errors_with_suggestions(key, value, message):
@@ -185,6 +188,18 @@ def test_unknown_names_are_clear_errors_with_suggestions(key, value, message):
 )
 def test_timm_names_are_accepted(key, value):
     assert getattr(make_config({key: value}, check_model=False), key) == value
+
+
+def test_optimizers_are_built_before_the_run():
+    """Adan takes three betas; an optimizer this machine cannot build (apex's without apex) is refused
+    when the config is checked, not at the first step."""
+    adan = make_config({"opt": "adan", "opt_betas": [0.98, 0.92, 0.99]}, check_model=False)
+    assert adan.opt_betas == (0.98, 0.92, 0.99)
+    with pytest.raises(ConfigError, match=r"opt 'adamw' takes 2 betas \(--opt-betas\), got \(0.98, 0.92, 0.99\)$"):
+        make_config({"opt_betas": [0.98, 0.92, 0.99]}, check_model=False)
+    if importlib.util.find_spec("apex") is None:
+        with pytest.raises(ConfigError, match=r"opt 'fusedadamw' cannot be built here: AssertionError: .*APEX"):
+            make_config({"opt": "fusedadamw"}, check_model=False)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +220,9 @@ def test_timm_names_are_accepted(key, value):
         ("drop_path", -0.1, "drop_path must be >= 0, got -0.1"),
         ("scale", [1.0, 0.08], r"scale must be two numbers a, b with 0.0 < a <= b <= 1.0, got \(1.0, 0.08\)"),
         ("ratio", [0.75], r"ratio must be two numbers a, b with 0.0 < a <= b, got \(0.75,\)"),
-        ("opt_betas", [0.9, 1.0], r"opt_betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
+        ("opt_betas", [0.9, 1.0], r"opt_betas must be two numbers in \[0, 1\) \(three for Adan\), got \(0.9, 1.0\)"),
+        ("seed", -1, r"seed must be in \[0, 2\*\*32\), got -1"),
+        ("seed", 2**32, r"seed must be in \[0, 2\*\*32\), got 4294967296"),
         ("mean", 0.5, r"mean must be three numbers \(R, G, B\), got 0.5"),
         ("std", [0.2, 0.0, 0.2], r"std must be > 0, got \(0.2, 0.0, 0.2\)"),
         ("batch_size", 5, r"batch_size must be even with mixup or cutmix \(timm mixes the batch in pairs\), got 5"),

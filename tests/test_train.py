@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import pytest
 import timm
@@ -68,7 +69,8 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
     printed = capsys.readouterr().out
     assert "top1" in printed and "img_per_s" in printed
     # evaluated as trained: the size and crop of the checkpoint's config, not 224 px
-    assert "images: 32 px, crop_pct 1.0, bicubic (the training checkpoint's config)" in printed
+    imagenet = "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
+    assert f"images: 32 px, crop_pct 1.0, bicubic, {imagenet} (the training checkpoint's config)" in printed
     results = json.loads(results_file.read_text())
     assert results["images"] == 16 and (results["img_size"], results["crop_pct"]) == (32, 1.0)
     assert results["top1"] == pytest.approx(summary["val_top1"])
@@ -461,6 +463,31 @@ def test_resume_from_the_wrong_file_is_a_clear_error(trained, tmp_path, capsys):
     for extra, message in cases:
         assert cli_main(["train", *common, *extra]) == 2
         assert message in capsys.readouterr().err
+    # an earlier checkpoint of a run, resumed in the run's folder, would replace the later ones
+    older = min(out.glob("checkpoint-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
+    files = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert cli_main(["train", str(root), "--resume", str(older)]) == 2
+    assert f"{out} holds this run further on than {older} ({out / 'last.pth'}: epoch 4, sample 0)" in (
+        capsys.readouterr().err
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == files
+
+
+def test_optimizer_settings_given_at_resume_apply(trained, tmp_path, capsys):
+    """Flags given at --resume override the saved config, the optimizer's settings too (its moments
+    are the checkpoint's); another optimizer is refused, as its state cannot carry over."""
+    root, _, _ = trained
+    run = tmp_path / "run"
+    train.main([str(root), *TINY, "--epochs", "2", "--max-steps", "2", "--output", str(run)])
+    before = torch.load(run / "last.pth")["optimizer"]
+    resume = [str(root), "--resume", str(run / "last.pth")]
+    assert cli_main(["train", *resume, "--opt", "sgd"]) == 2
+    assert f"opt 'sgd': {run / 'last.pth'} was trained with 'adamw'" in capsys.readouterr().err
+    train.main([*resume, "--max-steps", "3", "--weight-decay", "0.3", "--opt-betas", "0.8", "0.9", "--opt-eps", "1e-6"])
+    after = torch.load(run / "last.pth")["optimizer"]
+    assert [g["weight_decay"] for g in after["param_groups"]] == [0.0, 0.3]  # rpb, norms and biases: none
+    assert {(tuple(g["betas"]), g["eps"]) for g in after["param_groups"]} == {((0.8, 0.9), 1e-6)}
+    assert after["state"][0]["step"] == before["state"][0]["step"] + 1
 
 
 def test_resume_with_another_batch_size_or_more_epochs(trained, tmp_path):
@@ -474,8 +501,14 @@ def test_resume_with_another_batch_size_or_more_epochs(trained, tmp_path):
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["epoch_complete"] is False
     ckpt = torch.load(tmp_path / "a" / "last.pth")
     assert (ckpt["epoch"], ckpt["samples"], ckpt["step"]) == (0, 12, 3)
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
     resume = ["--resume", str(tmp_path / "a" / "last.pth")]
     train.main([*common, "--batch-size", "2", "--output", str(tmp_path / "a"), *resume])
+    # with a batch larger than the epoch's rest (4 images), that rest is empty: the run goes on
+    larger = train.main([*common, "--batch-size", "8", "--resume", str(tmp_path / "c" / "last.pth")])
+    assert (larger["epoch"], larger["step"]) == (2, 1 + 2) and len(
+        torch.load(tmp_path / "c" / "last.pth")["history"]
+    ) == 2
     train.main([*common, "--batch-size", "2", "--output", str(tmp_path / "b")])
     resumed, fresh = (torch.load(tmp_path / run / "last.pth") for run in "ab")
     assert resumed["step"] == fresh["step"] == 16

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import write_text_atomic
 from .config import ArgumentParser, check_model_name
 from .ops import BACKENDS, cpu, current_backend, na2d, use_backend
 from .validate import attention_backend
@@ -333,9 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
         from .ops import triton_na  # imports Triton: only where its kernels may have run
 
         results["triton_autotuned"] = triton_na.autotuned()
-    args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "bench.json"
-    path.write_text(json.dumps(results, indent=2))
+    write_text_atomic(path, json.dumps(results, indent=2))
     if "op" in results:
         names = ["fast", "window", "dense_sdpa"] + args.compare + ([] if args.no_reference else ["reference"])
         cols = ["shape"] + [f"{n}_fwd_ms" for n in names] + ["fast_fwd_vs_window"]

@@ -11,7 +11,8 @@
   the same unwrapping and checking.
 * :func:`resize_rpb` resizes every relative positional bias table to another kernel size
   (bicubic, as Swin does): how ``dinat_large_in22k_224_11x11interp.pth`` was made from the 7x7 one.
-* :func:`save_checkpoint` writes atomically (temporary file in the same folder, then os.replace).
+* :func:`save_checkpoint` writes atomically (temporary file in the same folder, then os.replace);
+  :func:`write_text_atomic` does the same for the small text files of a run.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -245,12 +246,10 @@ def resize_rpb(state_dict: Mapping[str, Tensor], kernel_size: int | tuple[int, i
     return out
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` atomically: a temporary file in the same folder, fsync, then os.replace.
-
-    ``.safetensors`` paths take a flat {name: tensor} dict; anything else goes through torch.save.
-    A reader never sees a half-written file, and a crash leaves the previous file in place.
-    """
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Make ``path`` what ``write(file)`` writes, atomically: a temporary file in the same folder,
+    fsync, then os.replace. A reader never sees a half-written file, and a failure (disk full, a
+    crash) leaves the previous file in place; an OSError is a CheckpointError saying so."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     umask = os.umask(0)
@@ -259,14 +258,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
-            if path.suffix == ".safetensors":
-                from safetensors.torch import save
-
-                if not _is_state_dict(obj):
-                    raise ValueError(".safetensors files take a flat {name: tensor} dict")
-                f.write(save({k: v.contiguous() for k, v in obj.items()}))
-            else:
-                torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -279,6 +271,28 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
             raise CheckpointError(f"could not write {path}: {cause}; {kept}") from error
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_atomic` for a text file (config.yaml, summary.json, metrics.csv, results)."""
+    return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` atomically (:func:`write_atomic`). ``.safetensors`` paths take a flat
+    {name: tensor} dict; anything else goes through torch.save."""
+
+    def write(f: BinaryIO) -> None:
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import save
+
+            if not _is_state_dict(obj):
+                raise ValueError(".safetensors files take a flat {name: tensor} dict")
+            f.write(save({k: v.contiguous() for k, v in obj.items()}))
+        else:
+            torch.save(obj, f)
+
+    return write_atomic(path, write)
 
 
 DOWNLOAD_HINT = "\ndownload the file and pass it with --checkpoint (validate) or --initial-checkpoint (train)"

@@ -205,8 +205,10 @@ def _check_values(cfg: Config) -> None:
         if not (_numbers(pair, 2) and low < pair[0] <= pair[1] and (high is None or pair[1] <= high)):
             bound = f"{low} < a <= b" + (f" <= {high}" if high is not None else "")
             raise ConfigError(f"{name} must be two numbers a, b with {bound}, got {pair!r}")
-    if not (_numbers(cfg.opt_betas, 2) and all(0 <= beta < 1 for beta in cfg.opt_betas)):
-        raise ConfigError(f"opt_betas must be two numbers in [0, 1), got {cfg.opt_betas!r}")
+    if not (any(_numbers(cfg.opt_betas, n) for n in (2, 3)) and all(0 <= beta < 1 for beta in cfg.opt_betas)):
+        raise ConfigError(f"opt_betas must be two numbers in [0, 1) (three for Adan), got {cfg.opt_betas!r}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed!r}")
     for name in ("mean", "std"):
         values = getattr(cfg, name)
         if not _numbers(values, 3):
@@ -225,13 +227,27 @@ def uses_mixup(cfg: Config) -> bool:
     return (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
 
 
-def _check_optimizer(opt: str) -> None:
-    """timm's optimizer names, optionally behind 'lookahead_' (as create_optimizer_v2 parses them)."""
-    from timm.optim import list_optimizers
+def _check_optimizer(cfg: Config) -> None:
+    """timm's optimizer names, optionally behind 'lookahead_' (as create_optimizer_v2 parses them),
+    built once with the run's settings on a dummy parameter, so that one this machine cannot build
+    (e.g. bitsandbytes' or apex's without them) is refused before the run starts."""
+    import torch
+    from timm.optim import create_optimizer_v2, list_optimizers
 
-    parts = opt.lower().split("_")
+    parts = cfg.opt.lower().split("_")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "lookahead") or parts[-1] not in list_optimizers():
-        raise ConfigError("opt: " + _suggest(opt, list_optimizers(), "timm optimizer"))
+        raise ConfigError("opt: " + _suggest(cfg.opt, list_optimizers(), "timm optimizer"))
+    if parts[-1] == "adahessian":  # its step needs a backward(create_graph=True), which the loop does not take
+        raise ConfigError("opt 'adahessian' needs second-order gradients, which the training loop does not compute")
+    betas = 3 if "adan" in parts[-1] else 2
+    if len(cfg.opt_betas) != betas:
+        paper = "; Adan's paper uses 0.98 0.92 0.99" if betas == 3 else ""
+        raise ConfigError(f"opt {cfg.opt!r} takes {betas} betas (--opt-betas), got {cfg.opt_betas!r}{paper}")
+    settings = dict(weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas))
+    try:
+        create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=cfg.opt, lr=1e-3, **settings)
+    except Exception as error:  # noqa: BLE001 - timm's optimizers fail in many ways (assert, import, type)
+        raise ConfigError(f"opt {cfg.opt!r} cannot be built here: {type(error).__name__}: {error}") from None
 
 
 def _check_auto_augment(aa: str) -> None:
@@ -278,7 +294,7 @@ def validate(cfg: Config, check_model: bool = True) -> Config:
             f"batch_size must be even with mixup or cutmix (timm mixes the batch in pairs), got {cfg.batch_size}"
         )
     _check_dataset(cfg.dataset)
-    _check_optimizer(cfg.opt)
+    _check_optimizer(cfg)
     _check_auto_augment(cfg.aa)
     if check_model:
         check_model_name(cfg.model)

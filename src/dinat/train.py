@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import random
@@ -35,7 +36,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 from tqdm import tqdm
 
-from .checkpoints import CheckpointError, read_checkpoint, training_config
+from .checkpoints import CheckpointError, read_checkpoint, training_config, write_atomic, write_text_atomic
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
 from .config import (
     ArgumentParser,
@@ -139,12 +140,11 @@ def write_history(history: list[dict], out: Path) -> None:
     """metrics.csv and metrics.png (loss and accuracy per epoch), both replaced atomically."""
     if not history:
         return
-    tmp = out / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[-1]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(history[-1]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(out / "metrics.csv", table.getvalue())
 
     import matplotlib
 
@@ -163,9 +163,8 @@ def write_history(history: list[dict], out: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / ".metrics.tmp.png", dpi=100)
+    write_atomic(out / "metrics.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(out / ".metrics.tmp.png", out / "metrics.png")
 
 
 TRAINING_KEYS = (
@@ -183,15 +182,40 @@ TRAINING_KEYS = (
 )
 
 
-def saved_config(path: str | None) -> dict:
-    """The config a `dinat train` checkpoint was trained with ({} for anything else: the resume
-    itself then says what is wrong), read without loading its tensors (memory-mapped)."""
+def peek_checkpoint(path: str | os.PathLike | None) -> object:
+    """A checkpoint's contents, memory-mapped (its tensors are not read); {} for a missing or
+    unreadable file (the resume itself then says what is wrong)."""
     if not path or not os.path.isfile(path):
         return {}
     try:
-        return training_config(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any unreadable file: read_training_checkpoint names the problem
         return {}
+
+
+def saved_config(path: str | None) -> dict:
+    """The config a `dinat train` checkpoint was trained with ({} for anything else)."""
+    return training_config(peek_checkpoint(path))
+
+
+def _position(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(epoch, samples) of a `dinat train` checkpoint, None for any other file."""
+    ckpt = peek_checkpoint(path)
+    return (ckpt["epoch"], ckpt["samples"]) if isinstance(ckpt, dict) and {"epoch", "samples"} <= ckpt.keys() else None
+
+
+def check_no_later_checkpoint(out: Path, resume: str) -> None:
+    """Resuming an earlier checkpoint of the run in ``out`` (checkpoint-N.pth, model_best.pth) would
+    replace the run's later ones: refused (the new branch needs its own --output)."""
+    last = out / "last.pth"
+    if not last.is_file() or not os.path.isfile(resume) or os.path.samefile(last, resume):
+        return
+    ahead, resumed = _position(last), _position(resume)
+    if ahead is not None and resumed is not None and ahead > resumed:
+        raise ConfigError(
+            f"{out} holds this run further on than {resume} ({last}: epoch {ahead[0]}, sample {ahead[1]}); "
+            "resuming there would replace its later checkpoints: give the new branch another --output"
+        )
 
 
 def read_training_checkpoint(path: str, model_name: str) -> dict:
@@ -314,6 +338,8 @@ def _train(cfg: Config) -> dict:
             f"{out} holds another run than {cfg.resume}: leave out --output to continue that run in its "
             f"folder ({Path(cfg.resume).parent}), or pick an empty --output"
         )
+    if cfg.resume:
+        check_no_later_checkpoint(out, cfg.resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -397,7 +423,16 @@ def _train(cfg: Config) -> dict:
             bare.load_state_dict(ckpt["model"])
         except RuntimeError as error:  # same model name, other settings (e.g. num_classes)
             raise CheckpointError(f"{cfg.resume} does not fit the model: {error}") from None
+        trained_opt = ckpt["config"].get("opt", cfg.opt)
+        if trained_opt.lower() != cfg.opt.lower():
+            raise ConfigError(
+                f"opt {cfg.opt!r}: {cfg.resume} was trained with {trained_opt!r}, whose state does not carry "
+                "over; to start from its weights with another optimizer, use --initial-checkpoint"
+            )
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)  # the moments are the checkpoint's, the settings this run's (flags given now)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("state_dict_ema") is not None:
@@ -421,7 +456,7 @@ def _train(cfg: Config) -> dict:
         raise ConfigError(f"nothing to train: {cfg.resume} is at step {step}; raise --max-steps (now {cfg.max_steps})")
     if main_process:  # every check passed: the run is on, and its folder says how it was made
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(as_dict(cfg), sort_keys=False))
     if cfg.resume:
         log(f"resumed {cfg.resume}: epoch {start_epoch + 1}, sample {start_sample}, step {step}")
     if cfg.sched_epochwise:
@@ -431,9 +466,10 @@ def _train(cfg: Config) -> dict:
     if rng_to_restore is not None:
         set_rng_state(rng_to_restore)
     else:
-        random.seed(cfg.seed + rank)
-        np.random.seed(cfg.seed + rank)
-        torch.manual_seed(cfg.seed + rank)
+        rank_seed = (cfg.seed + rank) % 2**32  # numpy's range
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
+        torch.manual_seed(rank_seed)
     last_saved = cfg.resume or None
 
     def save(epoch: int, samples: int, loss_sum: torch.Tensor, seen: int) -> None:
@@ -482,6 +518,7 @@ def _train(cfg: Config) -> dict:
             leave=False,
         )
         tick = time.perf_counter()
+        lr_used = optimizer.param_groups[0]["lr"]  # (a resumed epoch's rest may be less than a batch)
         for batch_idx, (x, y) in enumerate(loader, start=first_batch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last:
@@ -585,7 +622,7 @@ def _train(cfg: Config) -> dict:
         summary["rank_weight_max_diff"] = max_rank_divergence(bare)
         dist.destroy_process_group()
     if main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(
             f"done: val top-1 {row['val_top1']:.2f}% (best {summary['best_top1']:.2f}%), "
             f"top-5 {row['val_top5']:.2f}%, outputs in {out}",

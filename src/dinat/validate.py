@@ -28,6 +28,7 @@ from .checkpoints import (
     read_checkpoint,
     training_config,
     unwrap_state_dict,
+    write_text_atomic,
 )
 from .config import AMP_DTYPES, INTERPOLATIONS, ArgumentParser, Config, ConfigError, check_model_name, make_config
 from .ops import BACKENDS, current_backend, use_backend
@@ -318,6 +319,5 @@ def main(argv=None) -> dict:
     results = {"model": args.model, "weights": args.checkpoint or "pretrained", **preprocessing, **results}
     print(format_table(results))
     if results_file:
-        results_file.parent.mkdir(parents=True, exist_ok=True)
-        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(results_file, json.dumps(results, indent=2) + "\n")
     return results

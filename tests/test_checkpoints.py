@@ -190,8 +190,10 @@ def test_save_checkpoint_atomic(tmp_path, monkeypatch) -> None:
     save_checkpoint({"a": torch.ones(2)}, path)
     save_checkpoint({"a": torch.zeros(2)}, path)
     assert torch.load(path)["a"].sum() == 0
-    save_checkpoint({"w": torch.ones(3)}, tmp_path / "w.safetensors")
-    assert load_state_dict(tmp_path / "w.safetensors")["w"].sum() == 3
+    transposed = torch.arange(12.0).view(3, 4).t()  # non-contiguous: safetensors takes contiguous tensors
+    save_checkpoint({"w": torch.ones(3), "t": transposed}, tmp_path / "w.safetensors")
+    loaded = load_state_dict(tmp_path / "w.safetensors")
+    assert loaded["w"].sum() == 3 and torch.equal(loaded["t"], transposed)
 
     assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's private 0o600
 

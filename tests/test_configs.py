@@ -174,6 +174,11 @@ def test_pretrained_weights_that_do_not_exist_are_a_clear_error(capsys):
         ("opt", "slow_adamw", r"opt: unknown timm optimizer 'slow_adamw'"),
         ("aa", "rand-q9", r"aa 'rand-q9' is not a timm auto-augment policy"),
         ("aa", "autoaugment", r"aa 'autoaugment' is not a timm auto-augment policy"),
+        # sections timm would skip silently
+        ("aa", "rand-m9-mstd0.5-inc1-foo", r"aa 'rand-m9-mstd0.5-inc1-foo': section 'foo' is not a setting and a"),
+        ("aa", "rand-mfoo", r"section 'mfoo' is not a setting and a number nor a transform set \(tweights, t3a"),
+        ("aa", "rand-tfoo", r"section 'tfoo' is not a setting and a number nor a transform set"),
+        ("aa", "v0-foo", r"aa 'v0-foo': section 'foo' is not a setting and a number \(timm would ignore it\)"),
         ("opt", "adahessian", r"opt 'adahessian' needs second-order gradients"),  # failed at the first step
         ("opt", "adan", r"opt 'adan' takes 3 betas \(--opt-betas\), got \(0.9, 0.999\); Adan's paper uses"),
     ],
@@ -184,7 +189,16 @@ def test_unknown_names_are_clear_errors_with_suggestions(key, value, message):
 
 
 @pytest.mark.parametrize(
-    "key,value", [("opt", "lookahead_adamw"), ("opt", "SGD"), ("aa", "augmix-m5-w4-d2"), ("aa", "v0")]
+    "key,value",
+    [
+        ("opt", "lookahead_adamw"),
+        ("opt", "SGD"),
+        ("aa", "augmix-m5-w4-d2"),
+        ("aa", "v0"),
+        ("aa", "3a"),
+        ("aa", "rand-m9-n3-mstd0.5-inc1-mmax10"),
+        ("aa", "rand-tweights-m9"),
+    ],
 )
 def test_timm_names_are_accepted(key, value):
     assert getattr(make_config({key: value}, check_model=False), key) == value

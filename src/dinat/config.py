@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -256,12 +257,21 @@ def _check_auto_augment(aa: str) -> None:
         return
     from timm.data import create_transform
 
+    example = "e.g. 'rand-m9-mstd0.5-inc1', 'v0', 'augmix-m5'"
+    # timm skips a section without a number ('rand-m9-foo', 'rand-mfoo') and an unknown transform set
+    # ('rand-tfoo') silently
+    policy, *sections = aa.split("-")
+    transform_sets = ("tweights", "t3a", "t3aw") if policy == "rand" else ()
+    loose = [s for s in sections if s not in transform_sets and not re.fullmatch(r"(?!t)[a-z]+\d+(\.\d+)?", s)]
+    if loose:
+        sets = f" nor a transform set ({', '.join(transform_sets)})" if transform_sets else ""
+        raise ConfigError(
+            f"aa {aa!r}: section {loose[0]!r} is not a setting and a number{sets} (timm would ignore it); {example}"
+        )
     try:
         create_transform(32, is_training=True, auto_augment=aa)
     except (AssertionError, ValueError, KeyError) as error:  # timm asserts on what it cannot parse
-        raise ConfigError(
-            f"aa {aa!r} is not a timm auto-augment policy ({error}); e.g. 'rand-m9-mstd0.5-inc1', 'v0', 'augmix-m5'"
-        ) from None
+        raise ConfigError(f"aa {aa!r} is not a timm auto-augment policy ({error}); {example}") from None
 
 
 TIMM_DATASET_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm.data.create_dataset's

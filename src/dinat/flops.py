@@ -79,7 +79,8 @@ def count(
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, ATTENTION_TYPES):
-            attn_names[f"{root}.{name}"] = [f"{root}.{name}.{child}" for child, _ in module.named_children()]
+            path = f"{root}.{name}" if name else root  # FlopCounterMode's names: the root is its class name
+            attn_names[path] = [f"{path}.{child}" for child, _ in module.named_children()]
             hooks.append(module.register_forward_hook(lambda m, i, o: add(_attention_flops(m, i[0], count_bias))))
         elif count_norms and isinstance(module, nn.LayerNorm):
             hooks.append(module.register_forward_hook(lambda m, i, o: add(5 * i[0].numel())))

@@ -284,6 +284,43 @@ def effective_lr(cfg: Config, world: int) -> float:
     return cfg.lr_base * (ratio**0.5 if scale == "sqrt" else ratio)
 
 
+def build_criterion(
+    cfg: Config, num_classes: int, device: torch.device
+) -> tuple[torch.nn.Module, Mixup | None, RandomErasing | None]:
+    """(loss, Mixup or None, RandomErasing or None): with mixup or cutmix, soft targets (smoothed by
+    Mixup) and random erasing of the mixed batch; otherwise cross entropy, label-smoothed if asked."""
+    mixup, erase = None, None
+    if uses_mixup(cfg):
+        if cfg.reprob > 0:
+            erase = RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
+        criterion = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    return criterion, mixup, erase
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, world: int) -> torch.optim.Optimizer:
+    """timm's optimizer for ``cfg`` on ``model`` (unwrapped), at the lr of :func:`effective_lr`: no
+    weight decay on the relative positional biases (rpb), norms and biases."""
+    lr = effective_lr(cfg, world)
+    no_decay = {"*rpb", *getattr(model, "no_weight_decay", set)()}
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
+    return create_optimizer_v2(
+        groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)
+    )
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """timm's scheduler for ``cfg`` (per iteration unless ``sched_epochwise``; ``linear`` is timm's
     poly of power 1) and the epochs the run lasts, as timm counts them: ``epochs`` plus the cooldown
@@ -383,31 +420,8 @@ def _train(cfg: Config) -> dict:
     )
 
     # -- loss, optimizer (no weight decay on rpb, norms, biases), per-iteration schedule, AMP ------
-    mixup, erase = None, None
-    if uses_mixup(cfg):
-        if cfg.reprob > 0:
-            erase = RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device=device)
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob,
-            mode=cfg.mixup_mode,
-            label_smoothing=cfg.smoothing,
-            num_classes=num_classes,
-        )
-        criterion = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-
-    lr = effective_lr(cfg, world)
-    no_decay = {"*rpb", *getattr(bare, "no_weight_decay", set)()}
-    groups = param_groups_weight_decay(bare, cfg.weight_decay, no_weight_decay_list=no_decay)
-    optimizer = create_optimizer_v2(
-        groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)
-    )
+    criterion, mixup, erase = build_criterion(cfg, num_classes, device)
+    optimizer = build_optimizer(cfg, bare, world)
     scheduler, num_epochs = build_scheduler(cfg, optimizer, steps_per_epoch)
     autocast, scaler = autocast_and_scaler(cfg.amp, cfg.amp_dtype, device)
 

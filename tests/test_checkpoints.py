@@ -307,6 +307,17 @@ def test_bad_cached_download_is_a_clear_error(monkeypatch, tmp_path, capsys) -> 
     cached.write_bytes(cached.read_bytes()[:100_000])
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert f"{cached} (the cached download of https://" in err and "delete it to download it again" in err
+    assert f"its cached download {cached} is not a readable checkpoint" in err
+    assert "delete it to download it again" in err
     with pytest.raises(CheckpointError, match="delete it to download it again"):  # the Python API too
         dinat.create_model("dinat_mini", pretrained=True)
+    # a bad file from the first URL: the fallback URLs are tried
+    good = tmp_path / "good.pth"
+    torch.save(timm.create_model("dinat_s_tiny").state_dict(), good)
+    downloads = {"dinat_s_tiny_in1k_224.pth": cached, "dinat_s_tiny_1k_224.pth": good}
+    monkeypatch.setattr(
+        "timm.models._hub.download_cached_file", lambda url, **kwargs: str(downloads[url.rpartition("/")[2]])
+    )
+    kwargs: dict = {}
+    resolve_download("dinat_s_tiny", kwargs)
+    assert kwargs["pretrained_cfg_overlay"]["file"] == str(good)

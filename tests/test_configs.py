@@ -198,6 +198,7 @@ def test_unknown_names_are_clear_errors_with_suggestions(key, value, message):
         ("aa", "3a"),
         ("aa", "rand-m9-n3-mstd0.5-inc1-mmax10"),
         ("aa", "rand-tweights-m9"),
+        ("aa", "rand-m9-mstd1e2-inc1"),  # timm reads 1e2 as 100
     ],
 )
 def test_timm_names_are_accepted(key, value):

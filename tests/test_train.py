@@ -166,7 +166,7 @@ def test_evaluation_preprocessing_as_given_else_trained_else_the_models_cfg():
     trained = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.1] * 3, "std": [0.9] * 3}
     assert validate.resolve_preprocessing("dinat_large_384", dict(none, crop_pct=0.9), trained) == (
         {"img_size": 32, "crop_pct": 0.9, "interpolation": "bilinear", "mean": (0.1,) * 3, "std": (0.9,) * 3},
-        "the training checkpoint's config",
+        "the training checkpoint's config; crop_pct as given",
     )
     given = {"img_size": 64, "crop_pct": 0.95, "interpolation": "bicubic", "mean": (0.2,) * 3, "std": (0.3,) * 3}
     assert validate.resolve_preprocessing("dinat_large_384", given, trained) == (given, "as given")
@@ -182,8 +182,8 @@ def test_validate_normalises_as_the_run_trained(trained, tmp_path, capsys):
     assert "mean (0.1, 0.2, 0.3), std (0.9, 0.8, 0.7) (the training checkpoint's config)" in capsys.readouterr().out
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
     assert results["mean"] == (0.1, 0.2, 0.3) and results["std"] == (0.9, 0.8, 0.7)
-    imagenet = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
-    imagenet = validate.main([*args, "--device", "cpu", *imagenet])
+    imagenet = ["--device", "cpu", "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
+    imagenet = validate.main([*args[:-3], *imagenet, *args[-3:]])  # the data folder after --std's three numbers
     assert imagenet["loss"] != pytest.approx(summary["val_loss"], rel=1e-4)
 
 
@@ -300,6 +300,9 @@ def test_lr_is_as_given_unless_lr_base():
     assert train.effective_lr(make_config({**base, "opt": "sgd"}, check_model=False), 4) == pytest.approx(2.5e-4)
     linear = make_config({**base, "lr_base_scale": "linear"}, check_model=False)
     assert train.effective_lr(linear, 4) == pytest.approx(1e-3 * 256 / 1024)
+    # a run saved before lr_base_scale existed scaled linearly, and resumes so
+    assert make_config(resumed=base, check_model=False).lr_base_scale == "linear"
+    assert make_config(resumed={**base, "lr_base_scale": ""}, check_model=False).lr_base_scale == ""
     with pytest.raises(ConfigError, match="lr_base_scale.*'cube'"):
         make_config({**base, "lr_base_scale": "cube"}, check_model=False)
 
@@ -488,6 +491,11 @@ def test_optimizer_settings_given_at_resume_apply(trained, tmp_path, capsys):
     assert [g["weight_decay"] for g in after["param_groups"]] == [0.0, 0.3]  # rpb, norms and biases: none
     assert {(tuple(g["betas"]), g["eps"]) for g in after["param_groups"]} == {((0.8, 0.9), 1e-6)}
     assert after["state"][0]["step"] == before["state"][0]["step"] + 1
+    # counters kept in the param groups (Lookahead's step) go on from the checkpoint's
+    ahead = tmp_path / "lookahead"
+    train.main([str(root), *TINY, "--opt", "lookahead_adamw", "--max-steps", "2", "--output", str(ahead)])
+    train.main([str(root), "--resume", str(ahead / "last.pth"), "--max-steps", "3"])
+    assert {g["lookahead_step"] for g in torch.load(ahead / "last.pth")["optimizer"]["param_groups"]} == {3}
 
 
 def test_resume_with_another_batch_size_or_more_epochs(trained, tmp_path):

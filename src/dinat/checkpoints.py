@@ -322,10 +322,11 @@ def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
             errors.append(f"{candidate}: {err}")
             continue
         if not path.endswith(".safetensors") and not _is_archive_or_pickle(Path(path)):  # e.g. an HTML page
-            raise CheckpointError(
-                f"{path} (the cached download of {candidate}) is not a readable checkpoint: neither a zip "
-                "archive nor a pickle (a truncated download, or another kind of file); delete it to download it again"
+            errors.append(
+                f"{candidate}: its cached download {path} is not a readable checkpoint (neither a zip archive nor "
+                "a pickle: a truncated download, or another kind of file); delete it to download it again"
             )
+            continue
         kwargs["pretrained_cfg_overlay"] = dict(overlay, file=path)
         return
     raise CheckpointError(f"could not download the weights of {variant}:\n  " + "\n  ".join(errors) + DOWNLOAD_HINT)

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import difflib
 import math
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ class Config:
     epochs: int = 300
     batch_size: int = 128  # per process
     lr: float = 1e-3  # used as given (it was tuned for a total batch of 1024)
-    lr_base: float | None = None  # if set: lr = lr_base * total batch / lr_base_size
+    lr_base: float | None = None  # if set: lr = lr_base * (total batch / lr_base_size), or its square root
     lr_base_size: int = 1024
     lr_base_scale: str = ""  # "": timm's rule, sqrt for adaptive optimizers (ada*, lamb), else linear
     opt: str = "adamw"
@@ -114,6 +113,13 @@ CHOICES = {
     "mixup_mode": ("batch", "pair", "elem"),
     "remode": ("const", "rand", "pixel"),
     "eval_metric": ("top1", "top5", "loss"),
+}
+
+
+# What a setting's name and default do not say (shown by --help).
+HELP = {
+    "lr_base": "lr = lr_base * (total batch / lr_base_size), or its square root (see lr_base_scale)",
+    "lr_base_scale": "'': the square root for adaptive optimizers (ada*, lamb), linear otherwise (timm's rule)",
 }
 
 
@@ -258,15 +264,23 @@ def _check_auto_augment(aa: str) -> None:
     from timm.data import create_transform
 
     example = "e.g. 'rand-m9-mstd0.5-inc1', 'v0', 'augmix-m5'"
-    # timm skips a section without a number ('rand-m9-foo', 'rand-mfoo') and an unknown transform set
-    # ('rand-tfoo') silently
+    # timm skips a section without a digit ('rand-m9-foo', 'rand-mfoo') and, for RandAugment, takes an
+    # unknown transform set ('rand-tfoo') for the default one, silently
     policy, *sections = aa.split("-")
     transform_sets = ("tweights", "t3a", "t3aw") if policy == "rand" else ()
-    loose = [s for s in sections if s not in transform_sets and not re.fullmatch(r"(?!t)[a-z]+\d+(\.\d+)?", s)]
-    if loose:
+    ignored = [
+        section
+        for section in sections
+        if not any(ch.isdigit() for ch in section)
+        and section not in transform_sets
+        or transform_sets
+        and section.startswith("t")
+        and section not in transform_sets
+    ]
+    if ignored:
         sets = f" nor a transform set ({', '.join(transform_sets)})" if transform_sets else ""
         raise ConfigError(
-            f"aa {aa!r}: section {loose[0]!r} is not a setting and a number{sets} (timm would ignore it); {example}"
+            f"aa {aa!r}: section {ignored[0]!r} is not a setting and a number{sets} (timm would ignore it); {example}"
         )
     try:
         create_transform(32, is_training=True, auto_augment=aa)
@@ -342,6 +356,8 @@ def make_config(
     """Defaults, then ``resumed`` (the saved config of the run being resumed), then the YAML file,
     then `overrides` (keys as in Config)."""
     values = {k: _coerce(k, v) for k, v in (resumed or {}).items() if k in CONFIG_KEYS and k not in NOT_RESUMED}
+    if resumed and "lr_base_scale" not in resumed:  # saved before the setting existed: lr_base scaled linearly
+        values["lr_base_scale"] = "linear"
     values.update(load_yaml(config_file) if config_file else {})
     for key, value in (overrides or {}).items():
         if key not in CONFIG_KEYS:
@@ -386,14 +402,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        notes = [f"default: {shown!s}"] if shown != "" else []
+        notes = [f"default: {shown!s}"] if shown != "" else ["default: ''"]
+        if f.name in HELP:
+            notes.append(HELP[f.name])
         if f.name in CHOICES:
             notes.append("one of " + ", ".join(repr(choice) for choice in CHOICES[f.name]))
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": "; ".join(notes) or None}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=float, nargs="+", **kwargs)
+        elif isinstance(default, tuple):  # a fixed number of values (opt_betas: 2, or 3 for Adan)
+            nargs = "+" if f.name == "opt_betas" else len(default)
+            parser.add_argument(flag, type=float, nargs=nargs, **kwargs)
         else:
             parser.add_argument(flag, type=_arg_type(default, str(f.type)), **kwargs)
 

@@ -273,6 +273,9 @@ def max_rank_divergence(model: torch.nn.Module) -> float:
     return diff.item()
 
 
+OPTIMIZER_SETTINGS = ("weight_decay", "eps", "betas")  # the param-group keys of --weight-decay, --opt-eps, --opt-betas
+
+
 def effective_lr(cfg: Config, world: int) -> float:
     """The lr as given (the original's way), or --lr-base scaled by the total batch as timm scales it:
     by its square root for adaptive optimizers (ada*, lamb), linearly otherwise, unless
@@ -443,10 +446,12 @@ def _train(cfg: Config) -> dict:
                 f"opt {cfg.opt!r}: {cfg.resume} was trained with {trained_opt!r}, whose state does not carry "
                 "over; to start from its weights with another optimizer, use --initial-checkpoint"
             )
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        # the moments and counters (e.g. Lookahead's step) are the checkpoint's; the settings the flags
+        # set are this run's (the lr is the scheduler's)
+        settings = [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, own in zip(optimizer.param_groups, settings):
-            group.update(own)  # the moments are the checkpoint's, the settings this run's (flags given now)
+            group.update(own)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("state_dict_ema") is not None:

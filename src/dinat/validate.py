@@ -213,6 +213,9 @@ def resolve_preprocessing(model: str, given: dict[str, Any], trained: dict[str, 
                 "std": cfg.std,
             }
     resolved = {k: defaults[k] if given.get(k) is None else given[k] for k in PREPROCESSING}
+    named = [k for k in PREPROCESSING if given.get(k) is not None]
+    if named:
+        source += f"; {', '.join(named)} as given"
     return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in resolved.items()}, source
 
 
@@ -244,8 +247,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--img-size", type=int, help=resolved)
     p.add_argument("--crop-pct", type=float, help=resolved)
     p.add_argument("--interpolation", choices=INTERPOLATIONS, help=resolved)
-    p.add_argument("--mean", type=float, nargs="+", help=resolved)
-    p.add_argument("--std", type=float, nargs="+", help=resolved)
+    p.add_argument("--mean", type=float, nargs=3, help=resolved)
+    p.add_argument("--std", type=float, nargs=3, help=resolved)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)

@@ -65,11 +65,14 @@ def main(argv=None) -> int:
     from .data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE.strip())
+        return 0
+    if not argv or argv[0] not in COMMANDS:  # usage on stderr, as for any error
+        if argv:
             print(f"error: unknown command {argv[0]!r}\n", file=sys.stderr)
-        print(USAGE.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        print(USAGE.strip(), file=sys.stderr)
+        return 2
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ConfigError, DataError, CheckpointError, OSError) as e:  # OSError: a path that cannot be used

@@ -213,8 +213,9 @@ def test_digits_pixels_span_0_to_255_and_the_split_is_stratified() -> None:
 
 
 def test_help_exits_0_and_errors_exit_2_in_one_line(monkeypatch, capsys) -> None:
-    """--help prints the usage on stdout with status 0 (no command: on stderr, status 2); an OSError (a path that cannot be used) is
-    'error: MESSAGE' with status 2; an error re-raised from a DataLoader worker shows its own message."""
+    """--help prints the usage on stdout with status 0 (no command: on stderr, status 2); an OSError
+    (a path that cannot be used) is 'error: MESSAGE' with status 2; an error re-raised from a
+    DataLoader worker shows its own message."""
     assert cli.main(["--help"]) == 0
     assert "dinat train" in capsys.readouterr().out
     assert cli.main([]) == 2  # no command: the usage, on stderr as for any error

@@ -234,6 +234,12 @@ def uses_mixup(cfg: Config) -> bool:
     return (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
 
 
+def optimizer_settings(cfg: Config) -> dict[str, Any]:
+    """The optimizer settings the config sets, as create_optimizer_v2 takes them (and as the param
+    groups hold them, weight decay per group)."""
+    return dict(weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas))
+
+
 def _check_optimizer(cfg: Config) -> None:
     """timm's optimizer names, optionally behind 'lookahead_' (as create_optimizer_v2 parses them),
     built once with the run's settings on a dummy parameter, so that one this machine cannot build
@@ -250,9 +256,8 @@ def _check_optimizer(cfg: Config) -> None:
     if len(cfg.opt_betas) != betas:
         paper = "; Adan's paper uses 0.98 0.92 0.99" if betas == 3 else ""
         raise ConfigError(f"opt {cfg.opt!r} takes {betas} betas (--opt-betas), got {cfg.opt_betas!r}{paper}")
-    settings = dict(weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas))
     try:
-        create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=cfg.opt, lr=1e-3, **settings)
+        create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=cfg.opt, lr=1e-3, **optimizer_settings(cfg))
     except Exception as error:  # noqa: BLE001 - timm's optimizers fail in many ways (assert, import, type)
         raise ConfigError(f"opt {cfg.opt!r} cannot be built here: {type(error).__name__}: {error}") from None
 

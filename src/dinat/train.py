@@ -45,6 +45,7 @@ from .config import (
     add_config_arguments,
     as_dict,
     config_from_args,
+    optimizer_settings,
     uses_mixup,
 )
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
@@ -273,9 +274,6 @@ def max_rank_divergence(model: torch.nn.Module) -> float:
     return diff.item()
 
 
-OPTIMIZER_SETTINGS = ("weight_decay", "eps", "betas")  # the param-group keys of --weight-decay, --opt-eps, --opt-betas
-
-
 def effective_lr(cfg: Config, world: int) -> float:
     """The lr as given (the original's way), or --lr-base scaled by the total batch as timm scales it:
     by its square root for adaptive optimizers (ada*, lamb), linearly otherwise, unless
@@ -319,9 +317,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, world: int) -> torch.op
     lr = effective_lr(cfg, world)
     no_decay = {"*rpb", *getattr(model, "no_weight_decay", set)()}
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
-    return create_optimizer_v2(
-        groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)
-    )
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=lr, **optimizer_settings(cfg))
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -448,7 +444,7 @@ def _train(cfg: Config) -> dict:
             )
         # the moments and counters (e.g. Lookahead's step) are the checkpoint's; the settings the flags
         # set are this run's (the lr is the scheduler's)
-        settings = [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in optimizer.param_groups]
+        settings = [{k: g[k] for k in optimizer_settings(cfg) if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, own in zip(optimizer.param_groups, settings):
             group.update(own)

@@ -413,14 +413,17 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Ten
 # -- the unfused ops: three primitives on (N, H, W, D) features and (N, H, W, kh*kw) weights ------
 
 
-def _primitive(name: str, first: Tensor, features: Tensor, out_channels: int, kernel: list[int], dilation: list[int]):
+def _primitive(
+    name: str, first: Tensor, features: Tensor, out_channels: int, kernel: list[int], dilation: list[int],
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:  # fmt: skip
     """Run primitive ``name`` on ``first`` and the (N, H, W, D) ``features``; the output has
-    ``out_channels`` channels per token."""
+    ``out_channels`` channels per token, in ``out_dtype`` (default: the features')."""
     from . import triton_kernels
 
     first, features = first.contiguous(), features.contiguous()
     n, height, width, dim = features.shape
-    out = features.new_empty(n, height, width, out_channels)
+    out = features.new_empty(n, height, width, out_channels, dtype=out_dtype)
     with _device_of(features):
         getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation[1], _BLOCK)](
             first, features, out, height, width, dim, dilation[0], dilation[1],
@@ -431,8 +434,13 @@ def _primitive(name: str, first: Tensor, features: Tensor, out_channels: int, ke
 
 @torch.library.custom_op("dinat::na_dot_triton", mutates_args=())
 def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
-    """(N, H, W, D) x (N, H, W, D) -> (N, H, W, kh*kw): a . b over each query's neighbors."""
-    return _primitive("dot", a, b, kernel[0] * kernel[1], kernel, dilation)
+    """(N, H, W, D) x (N, H, W, D) -> (N, H, W, kh*kw) float32: a . b over each query's neighbors.
+
+    float32 whatever the inputs' dtype (the kernel's accumulator): as the gradient of the weights of
+    ``na_weighted_sum`` (softmax's float32 output under autocast) it feeds the softmax backward,
+    whose cancellation (dp - sum(p dp)) would amplify a float16/bfloat16 rounding of it.
+    """
+    return _primitive("dot", a, b, kernel[0] * kernel[1], kernel, dilation, torch.float32)
 
 
 @torch.library.custom_op("dinat::na_weighted_sum_triton", mutates_args=())
@@ -449,7 +457,7 @@ def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> 
 
 @na_dot.register_fake
 def _(a, b, kernel, dilation):
-    return a.new_empty(*a.shape[:3], kernel[0] * kernel[1])
+    return a.new_empty(*a.shape[:3], kernel[0] * kernel[1], dtype=torch.float32)
 
 
 @na_weighted_sum.register_fake
@@ -466,7 +474,8 @@ primitives.register_gradients(na_dot, na_weighted_sum, na_scatter)
 
 
 def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None) -> Tensor:
-    """Logits, heads-first (B, heads, H, W, kh*kw); the rpb is added (and differentiated) by PyTorch."""
+    """Logits, heads-first (B, heads, H, W, kh*kw), rounded once to q's dtype after the rpb is added
+    (and differentiated) by PyTorch in float32."""
     batch, heads, height, width, dim = q.shape
     flat = (batch * heads, height, width, dim)
     logits = na_dot(q.reshape(flat), k.reshape(flat), list(kernel), list(dilation))
@@ -479,7 +488,8 @@ def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | No
 def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     """Weighted sum of each query's neighborhood of v, heads-first (B, heads, H, W, D)."""
     batch, heads, height, width, dim = v.shape
-    weights = attn.to(v.dtype).reshape(batch * heads, height, width, kernel[0] * kernel[1])
+    # float32 weights stay float32 (the kernel reads them in their dtype): see primitives' module doc
+    weights = attn.reshape(batch * heads, height, width, kernel[0] * kernel[1])
     out = na_weighted_sum(weights, v.reshape(batch * heads, height, width, dim), list(kernel), list(dilation))
     return out.view(batch, heads, height, width, dim)
 

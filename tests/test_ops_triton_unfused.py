@@ -21,8 +21,8 @@ def test_in_triton_interpreter() -> None:
 @pytest.mark.parametrize("case", GOLDEN, ids=GOLDEN_IDS)
 def test_unfused_golden_cases(case: dict) -> None:
     """na2d_qk -> softmax -> na2d_av (heads-first) equal the original, logits and every gradient."""
-    q, k, v = (case[n].to(DEVICE).requires_grad_() for n in ("q", "k", "v"))
-    rpb = None if case["rpb"] is None else case["rpb"].to(DEVICE).requires_grad_()
+    q, k, v = (case[n].to(DEVICE, copy=True).requires_grad_() for n in ("q", "k", "v"))
+    rpb = None if case["rpb"] is None else case["rpb"].to(DEVICE, copy=True).requires_grad_()
     with use_backend("triton"):
         logits = na2d_qk(q, k, case["kernel_size"], case["dilation"], rpb)
         out = na2d_av(logits.softmax(-1), v, case["kernel_size"], case["dilation"])

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,14 +35,34 @@ _MAX_HEAD_DIM = 256
 _WIDE_FP32_HEAD_DIM = 128
 _WIDE_FP32_STAGES = 2
 _WIDE_FP32_SHARED_BYTES = 102656
-# (tile, num_warps) of the fused kernels: the tile is the query places per program (forward, dq) or
-# the key places per program (dk, dv). Per query and key row a program computes as many logits as the
-# tile's key span (32 at tile 16 with kw=7, 64 at 32): larger tiles mean fewer programs and more
-# wasted logits. Triton's autotuner times each at the first launch of every shape and keeps the
-# fastest (so run a shape once before capturing it in a CUDA graph, as torch.compile's
-# "reduce-overhead" mode does); see _tile_configs for when the first is used alone.
-TILES: tuple[Pair, ...] = ((16, 4), (16, 2), (32, 4))
-_BLOCK, _WARPS = TILES[0]  # the small kernels' fixed configuration (delta and the primitives)
+
+
+class TileConfig(NamedTuple):
+    """A launch configuration of the fused kernels: ``tile`` query places per program (forward, dq)
+    or key places per program (dk, dv), ``warps`` per program, and ``stages`` of Triton's software
+    pipelining of the kernels' innermost loop (the kh key rows, or the query rows of a key tile)."""
+
+    tile: int
+    warps: int
+    stages: int
+
+
+# Per query and key row a program computes as many logits as the tile's key span (32 at tile 16 with
+# kw=7, 64 at 32): larger tiles mean fewer programs and more wasted logits; more warps or stages, more
+# latency hidden and more registers (the kernels are latency-bound: their products are tiny). Triton's
+# autotuner times each at the first launch of every shape and keeps the fastest (so run a shape once
+# before capturing it in a CUDA graph, as torch.compile's "reduce-overhead" mode does); see
+# _tile_configs for when the first is used alone.
+TILES: tuple[TileConfig, ...] = (
+    TileConfig(16, 4, 3),
+    TileConfig(16, 2, 3),
+    TileConfig(32, 4, 3),
+    TileConfig(16, 2, 2),
+    TileConfig(16, 4, 2),
+    TileConfig(16, 2, 4),
+    TileConfig(32, 8, 3),
+)
+_BLOCK, _WARPS = TILES[0].tile, TILES[0].warps  # the small kernels' fixed configuration (delta, primitives)
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
 
 
@@ -89,9 +110,9 @@ def _is_wide_fp32(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype == torch.float32 and head_dim > _WIDE_FP32_HEAD_DIM
 
 
-def _pipeline_stages(dtype: torch.dtype, head_dim: int) -> int | None:
-    """The fused kernels' software-pipeline stages: Triton's default (None) but for wide float32."""
-    return _WIDE_FP32_STAGES if _is_wide_fp32(dtype, head_dim) else None
+def _pipeline_stages(config: TileConfig, dtype: torch.dtype, head_dim: int) -> int:
+    """The fused kernels' software-pipeline stages: the configuration's, at most 2 for wide float32."""
+    return min(config.stages, _WIDE_FP32_STAGES) if _is_wide_fp32(dtype, head_dim) else config.stages
 
 
 def available(x: Tensor | None = None) -> bool:
@@ -104,9 +125,11 @@ def _next_power_of_2(n: int) -> int:
 
 def _tile_sizes(key_side: bool, tile: int, kw: int) -> dict:
     """BLOCK_M / BLOCK_N of a program owning ``tile`` places: the key places a query tile needs along
-    a row are its places plus the window's overhang (and the queries of a key tile likewise)."""
-    window = _next_power_of_2(tile + kw - 1)
-    return {"BLOCK_M": window, "BLOCK_N": tile} if key_side else {"BLOCK_M": tile, "BLOCK_N": window}
+    a row are its places plus the window's overhang, kw - 1; the queries whose windows reach a key
+    tile, up to tile + 2 * kw - 2 (windows clamped at the borders reach further)."""
+    if key_side:
+        return {"BLOCK_M": _next_power_of_2(tile + 2 * kw - 2), "BLOCK_N": tile}
+    return {"BLOCK_M": tile, "BLOCK_N": _next_power_of_2(tile + kw - 1)}
 
 
 def _fp32_precision() -> str:
@@ -148,8 +171,8 @@ _FUSED_KERNELS = {
 }
 
 
-def _tile_configs() -> tuple[Pair, ...]:
-    """The (tile, num_warps) configurations the autotuner chooses from: the first alone in the
+def _tile_configs() -> tuple[TileConfig, ...]:
+    """The configurations the autotuner chooses from: the first alone in the
     interpreter, with DINAT_TRITON_AUTOTUNE=0, or under torch.use_deterministic_algorithms (a choice
     by timing could differ between runs, and with it the order of the floating-point sums)."""
     setting = os.environ.get("DINAT_TRITON_AUTOTUNE", "1")
@@ -170,11 +193,16 @@ def _fused_kernel(name: str, dtype: torch.dtype, head_dim: int):
     """Fused kernel ``name`` ('forward', 'query' or 'key') for tensors of ``dtype`` and ``head_dim``
     under Triton's autotuner over :func:`_tile_configs`, with the other block size derived from the
     tuned one."""
-    return _autotuned_kernel(name, _tile_configs(), _pipeline_stages(dtype, head_dim))
+    return _autotuned_kernel(name, _configs_for(dtype, head_dim))
+
+
+def _configs_for(dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
+    """:func:`_tile_configs` with their stages as :func:`_pipeline_stages` allows (duplicates dropped)."""
+    return tuple(dict.fromkeys(c._replace(stages=_pipeline_stages(c, dtype, head_dim)) for c in _tile_configs()))
 
 
 @functools.cache
-def _autotuned_kernel(name: str, configs: tuple[Pair, ...], num_stages: int | None = None):
+def _autotuned_kernel(name: str, configs: tuple[TileConfig, ...]):
     import triton
 
     from . import triton_kernels
@@ -185,10 +213,7 @@ def _autotuned_kernel(name: str, configs: tuple[Pair, ...], num_stages: int | No
         getattr(triton_kernels, _FUSED_KERNELS[name])
     )
     return triton.autotune(
-        [
-            triton.Config({tuned: tile}, num_warps=warps, **({"num_stages": num_stages} if num_stages else {}))
-            for tile, warps in configs
-        ],
+        [triton.Config({tuned: c.tile}, num_warps=c.warps, num_stages=c.stages) for c in configs],
         key=_AUTOTUNE_KEY,
         reset_to_zero=["DRPB"] if name == "query" else None,  # the slots a tile leaves unwritten are summed
         **({"do_bench": _wall_clock} if _INTERPRETING else {}),  # older Triton has no do_bench argument
@@ -196,23 +221,23 @@ def _autotuned_kernel(name: str, configs: tuple[Pair, ...], num_stages: int | No
 
 
 def autotuned() -> list[dict]:
-    """What Triton's autotuner picked so far: one row per fused kernel and shape (key), with the tile
-    and warp count. Empty when it had a single configuration to use (no choice made)."""
+    """What Triton's autotuner picked so far: one row per fused kernel and shape (key), with the tile,
+    warp count and pipeline stages. Empty when it had a single configuration to use (no choice made)."""
     if _TRITON_PROBLEM:
         return []
     picks = []
     for name in _FUSED_KERNELS:
-        for stages in (None, _WIDE_FP32_STAGES):
-            for key, config in _autotuned_kernel(name, _tile_configs(), stages).cache.items():
+        for configs in dict.fromkeys(_configs_for(dtype, 256) for dtype in _DTYPES):  # wide float32's own
+            for key, config in _autotuned_kernel(name, configs).cache.items():
                 (tile,) = config.kwargs.values()
                 shape = dict(zip(_AUTOTUNE_KEY, key))
                 picks.append({"kernel": name, **shape, "dtype": key[len(_AUTOTUNE_KEY)], "tile": tile,
-                              "num_warps": config.num_warps})  # fmt: skip
+                              "num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     return picks
 
 
 def compile_for_cuda(
-    arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, tile: Pair = TILES[0]
+    arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, tile: TileConfig = TILES[0]
 ) -> dict:
     """Build the seven kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
     time, down to the cubin, with the parameters a launch would use (the fused ones with ``tile``, one
@@ -238,10 +263,8 @@ def compile_for_cuda(
         constexprs = _constexprs(name, dtype, kernel, head_dim, has_rpb)
         options = {"num_warps": _WARPS}
         if name in _FUSED_KERNELS:
-            constexprs.update(_tile_sizes(name == "key", tile[0], kernel[1]))
-            options["num_warps"] = tile[1]
-            if stages := _pipeline_stages(dtype, head_dim):
-                options["num_stages"] = stages
+            constexprs.update(_tile_sizes(name == "key", tile.tile, kernel[1]))
+            options.update(num_warps=tile.warps, num_stages=_pipeline_stages(tile, dtype, head_dim))
         signature = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -345,7 +368,7 @@ def na2d_triton_backward(
     strides = (*_strides(q, k, v, grad_out), bias_sn, bias_sh)
 
     # the rpb gradient's partial sums: a slot per column program of the smallest tile (see the kernel)
-    slots = _grid(q, dilation[1], min(tile for tile, _ in TILES))[2]
+    slots = _grid(q, dilation[1], min(config.tile for config in TILES))[2]
     bias_cols = 2 * kernel[1] - 1
     partial_shape = (batch, heads, height, slots, kernel[0], bias_cols) if rpb is not None else (0,)
     partial = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)

@@ -1,0 +1,203 @@
+"""The Triton backend's kernels on CUDA, one by one: what ``dinat bench`` (whole ops and models) does
+not show, for choosing the autotuner's candidates and seeing where a training step's time goes.
+
+For each undilated DiNAT-Mini level (the shapes that run on the Triton kernels; the dilated ones of
+DiNAT-Mini are whole windows, batched attention), at batch 128, head dim 32, bfloat16:
+
+* the op's forward and forward+backward against Swin-style window attention (``bench.window_attention``);
+* the forward op, then the backward op, with each fused kernel forced to each configuration of
+  CONFIGS (tile, warps, stages) while the others keep the autotuner's first;
+* the CUDA time of each kernel of one backward (torch.profiler).
+
+Then the kernels of one training step of dinat_mini and of Swin-T (torch.profiler), by CUDA time,
+and each step's wall time against its GPU time (a step whose wall time is well over its GPU time is
+bound by the CPU launching kernels).
+
+    python benchmarks/cuda_kernels.py --output DIR    # on a GPU machine; writes DIR/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from dinat.bench import _build, window_attention
+from dinat.checkpoints import write_text_atomic
+from dinat.ops import na2d, triton_na
+
+LEVELS = ((56, 2), (28, 4), (14, 8))
+# the autotuner's candidates, and a few beyond them
+CONFIGS = triton_na.TILES + (
+    triton_na.TileConfig(16, 1, 3),
+    triton_na.TileConfig(16, 8, 3),
+    triton_na.TileConfig(16, 4, 1),
+    triton_na.TileConfig(16, 4, 4),
+    triton_na.TileConfig(64, 8, 3),
+)
+
+
+def bench_ms(fn, grad_to_none=None) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none)
+
+
+def cuda_kernel_table(fn, steps: int, top: int) -> tuple[list[dict], float]:
+    """(the top kernels of ``steps`` calls of fn by CUDA time, ms per call; total CUDA ms per call)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    rows = [
+        {"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3 / steps, "calls": e.count // steps}
+        for e in events[:top]
+    ]
+    return rows, total
+
+
+def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, size, size, 3, heads, 32, generator=gen).to("cuda", dtype).requires_grad_()
+    rpb = (torch.randn(heads, 13, 13, generator=gen) * 0.02).cuda().requires_grad_()
+    bias = (torch.randn(heads, 49, 49, generator=gen) * 0.02).to("cuda", dtype).requires_grad_()
+    grad = torch.randn(batch, size, size, heads, 32, generator=gen).to("cuda", dtype)
+    q, k, v = qkv.unbind(3)
+    leaves = [qkv, rpb, bias]
+
+    def op():
+        return na2d(q, k, v, 7, 1, rpb)
+
+    def window():
+        return window_attention(q, k, v, bias)
+
+    row: dict = {"shape": f"{size}x{size} h{heads} d1"}
+    with torch.no_grad():
+        row["fwd_ms"], row["window_fwd_ms"] = bench_ms(op), bench_ms(window)
+    row["fwdbwd_ms"] = bench_ms(lambda: op().backward(grad), leaves)
+    row["window_fwdbwd_ms"] = bench_ms(lambda: window().backward(grad), leaves)
+
+    # the backward op alone, from saved forward outputs
+    qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
+    scale = 32**-0.5
+    with torch.no_grad():
+        out, lse = triton_na.na2d_triton(qc, kc, vc, rpb.detach(), [7, 7], [1, 1], scale)
+
+    def forward():
+        triton_na.na2d_triton(qc, kc, vc, rpb.detach(), [7, 7], [1, 1], scale)
+
+    def backward():
+        triton_na.na2d_triton_backward(grad, qc, kc, vc, rpb.detach(), out, lse, [7, 7], [1, 1], scale)
+
+    row["backward_kernels"], row["backward_cuda_ms"] = cuda_kernel_table(backward, 5, 12)
+    row["backward_ms"] = bench_ms(backward)
+    configs = []
+    original = triton_na._fused_kernel
+    first = {name: triton_na._autotuned_kernel(name, (triton_na.TILES[0],)) for name in ("forward", "query", "key")}
+    try:
+        for name, config in itertools.product(("forward", "query", "key"), CONFIGS):
+            chosen = dict(first, **{name: triton_na._autotuned_kernel(name, (config,))})
+            triton_na._fused_kernel = lambda kernel, dtype, head_dim, chosen=chosen: chosen[kernel]
+            entry = {"kernel": name, **config._asdict()}
+            try:
+                entry["ms"] = bench_ms(forward if name == "forward" else backward)
+            except Exception as error:  # out of shared memory or registers: recorded, not fatal
+                entry["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+            configs.append(entry)
+    finally:
+        triton_na._fused_kernel = original
+    row["configs"] = configs
+    for name in ("forward", "query", "key"):
+        timed = [c for c in configs if c["kernel"] == name and "ms" in c]
+        best = min(timed, key=lambda c: c["ms"])
+        row[f"best_{name}"] = best
+        print(f"  {row['shape']}: best {name} tile {best['tile']} warps {best['warps']} stages {best['stages']}"
+              f" -> {'forward' if name == 'forward' else 'backward'} {best['ms']:.3f} ms", flush=True)  # fmt: skip
+    print(
+        f"  {row['shape']}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_ms'] / row['window_fwd_ms']:.2f}x window), "
+        f"fwd+bwd {row['fwdbwd_ms']:.3f} ms ({row['fwdbwd_ms'] / row['window_fwdbwd_ms']:.2f}x window), "
+        f"backward op {row['backward_ms']:.3f} ms",
+        flush=True,
+    )
+    for kernel in row["backward_kernels"]:
+        print(f"    {kernel['ms']:7.3f} ms  x{kernel['calls']}  {kernel['kernel']}")
+    return row
+
+
+def model_profile(name: str, batch: int, dtype: torch.dtype) -> dict:
+    torch.manual_seed(0)
+    model = _build(name).cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, 224, 224, device="cuda")
+    targets = torch.zeros(batch, dtype=torch.long, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(model(images).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    launched = (time.perf_counter() - start) / 5  # the CPU's time to issue a step (the GPU may lag)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 5
+    kernels, gpu = cuda_kernel_table(step, 3, 25)
+    print(f"{name}: wall {wall * 1e3:.1f} ms/step, GPU {gpu:.1f} ms, CPU issue {launched * 1e3:.1f} ms", flush=True)
+    for kernel in kernels:
+        print(f"  {kernel['ms']:7.3f} ms  x{kernel['calls']:<4} {kernel['kernel']}")
+    return {"model": name, "wall_ms": wall * 1e3, "gpu_ms": gpu, "issue_ms": launched * 1e3, "kernels": kernels}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--skip-configs", action="store_true", help="only the op and model figures")
+    parser.add_argument("--skip-models", action="store_true", help="only the op figures")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or not triton_na.available():
+        raise SystemExit(f"needs CUDA and Triton: {triton_na.unavailable_reason() or 'no CUDA device'}")
+    global CONFIGS
+    if args.skip_configs:
+        CONFIGS = triton_na.TILES[:1]
+    dtype = torch.bfloat16
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    models = () if args.skip_models else ("dinat_mini", "swin_tiny_patch4_window7_224")
+    args.output.mkdir(parents=True, exist_ok=True)
+    results["models"] = [_recorded(model_profile, name, args.batch, dtype) for name in models]
+    results["levels"] = [_recorded(op_level, size, heads, args.batch, dtype) for size, heads in LEVELS]
+    write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
+    failed = [r for r in results["models"] + results["levels"] if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} of the measurements failed (see kernels.json)")
+
+
+def _recorded(measure, *args) -> dict:
+    """measure(*args), or the error it raised (printed), so that one failure keeps the other figures."""
+    try:
+        return measure(*args)
+    except Exception as error:
+        traceback.print_exc()
+        return {"args": [str(a) for a in args], "error": f"{type(error).__name__}: {error}"}
+
+
+if __name__ == "__main__":
+    main()

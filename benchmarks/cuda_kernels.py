@@ -36,11 +36,11 @@ from dinat.ops import na2d, triton_na
 LEVELS = ((56, 2), (28, 4), (14, 8))
 # the autotuner's candidates, and a few beyond them
 CONFIGS = triton_na.TILES + (
-    triton_na.TileConfig(16, 1, 3),
+    triton_na.TileConfig(16, 4, 2),
     triton_na.TileConfig(16, 8, 3),
     triton_na.TileConfig(16, 4, 1),
     triton_na.TileConfig(16, 4, 4),
-    triton_na.TileConfig(64, 8, 3),
+    triton_na.TileConfig(32, 4, 3),
 )
 
 

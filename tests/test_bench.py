@@ -58,3 +58,17 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="attention 'triton': the triton backend is unavailable"):
             bench.main(["--backend", "triton"])
+
+
+@pytest.mark.parametrize(("device", "calls"), [("cpu", 1), ("cuda", bench.PIPELINED_CALLS)])
+def test_timing_samples_pipeline_calls_on_cuda(monkeypatch, device, calls) -> None:
+    """On CUDA a timing sample is several calls and one synchronize (a loop's throughput), reported
+    per call; on the CPU, one call per sample."""
+    events: list[str] = []
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(bench, "_sync", lambda device: events.append("sync"))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    medians = bench.interleaved_medians({"a": lambda: events.append("call")}, 3, torch.device(device))
+    timed = events[1:]  # after the warm-up call
+    assert timed == (["sync"] + ["call"] * calls + ["sync"]) * 3
+    assert medians == {"a": 10 / calls}

@@ -48,19 +48,19 @@ class TileConfig(NamedTuple):
 
 
 # Per query and key row a program computes as many logits as the tile's key span (32 at tile 16 with
-# kw=7, 64 at 32): larger tiles mean fewer programs and more wasted logits; more warps or stages, more
-# latency hidden and more registers (the kernels are latency-bound: their products are tiny). Triton's
-# autotuner times each at the first launch of every shape and keeps the fastest (so run a shape once
-# before capturing it in a CUDA graph, as torch.compile's "reduce-overhead" mode does); see
-# _tile_configs for when the first is used alone.
+# kw=7): the kernels are latency-bound (their products are tiny), and on an H100 (bf16, DiNAT-Mini's
+# d1 levels, benchmarks/cuda_kernels.py) tile 32 was 1.5-3x slower than 16 for every kernel; among
+# tile 16's, 1 warp was fastest for the forward and dk/dv at 56x56 and 28x28 (0.55 vs 0.77 ms for
+# 4 warps), 2 or 4 warps elsewhere; the stages changed little. Triton's autotuner times each at the
+# first launch of every shape and keeps the fastest (so run a shape once before capturing it in a
+# CUDA graph, as torch.compile's "reduce-overhead" mode does); see _tile_configs for when the first
+# is used alone.
 TILES: tuple[TileConfig, ...] = (
     TileConfig(16, 4, 3),
     TileConfig(16, 2, 3),
-    TileConfig(32, 4, 3),
+    TileConfig(16, 1, 3),
     TileConfig(16, 2, 2),
-    TileConfig(16, 4, 2),
-    TileConfig(16, 2, 4),
-    TileConfig(32, 8, 3),
+    TileConfig(16, 1, 2),
 )
 _BLOCK, _WARPS = TILES[0].tile, TILES[0].warps  # the small kernels' fixed configuration (delta, primitives)
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
@@ -198,7 +198,12 @@ def _fused_kernel(name: str, dtype: torch.dtype, head_dim: int):
 
 def _configs_for(dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
     """:func:`_tile_configs` with their stages as :func:`_pipeline_stages` allows (duplicates dropped)."""
-    return tuple(dict.fromkeys(c._replace(stages=_pipeline_stages(c, dtype, head_dim)) for c in _tile_configs()))
+    return _stage_capped(_tile_configs(), dtype, head_dim)
+
+
+@functools.cache
+def _stage_capped(configs: tuple[TileConfig, ...], dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
+    return tuple(dict.fromkeys(c._replace(stages=_pipeline_stages(c, dtype, head_dim)) for c in configs))
 
 
 @functools.cache

@@ -32,13 +32,16 @@ def test_bench_compares_backends_in_one_run(tmp_path) -> None:
     assert all(row["train_img_s"] > 0 for row in results["model"])
 
 
-def test_bench_compile_flag(tmp_path, monkeypatch) -> None:
-    """--compile hands every model to torch.compile (recorded here, not compiled)."""
+@pytest.mark.parametrize(
+    ("flags", "mode"), [(["--compile"], None), (["--compile", "reduce-overhead"], "reduce-overhead")]
+)
+def test_bench_compile_flag(tmp_path, monkeypatch, flags, mode) -> None:
+    """--compile [MODE] hands every model to torch.compile in that mode (recorded here, not compiled)."""
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(model) or model)
-    argv = ["--suite", "model", "--batch", "1", "--repeats", "1", "--threads", "1", "--compile"]
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or model)
+    argv = ["--suite", "model", "--batch", "1", "--repeats", "1", "--threads", "1", *flags]
     results = bench.main([*argv, "--models", "dinat_nano", "dinat_nano@reference", "--output", str(tmp_path)])
-    assert len(compiled) == 2 and results["compile"] is True
+    assert compiled == [{"mode": mode}] * 2 and results["compile"] == (mode or "default")
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys) -> None:

@@ -359,6 +359,35 @@ def test_custom_ops_pass_opcheck(dtype, with_rpb) -> None:
     torch.library.opcheck(torch.ops.dinat.na2d_triton_backward, (*backward_args, kernel, dilation, 0.3))
 
 
+@needs_kernels
+def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
+    """Eagerly the op is an autograd.Function calling the kernels' functions; under torch.compile
+    the custom op (opaque, with its registered autograd): the same output and gradients."""
+    shape, kernel, dilation = (1, 9, 11, 2, 16), (3, 5), (2, 1)
+    qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
+
+    def attend(qkv, rpb):
+        return triton_na.na2d(*qkv.unbind(3), kernel, dilation, rpb, 0.3)
+
+    traced = []
+
+    def recording_aot_eager(graph_module, inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, inputs)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend=recording_aot_eager)):
+        leaves = [t.to(DEVICE).requires_grad_() for t in (qkv, rpb)]
+        out = fn(*leaves)
+        results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+        if fn is attend:
+            assert type(out.grad_fn).__name__ == "_EagerNA2dBackward"
+    assert "dinat.na2d_triton.default" in traced
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
 def test_unavailable_is_a_clear_error() -> None:
     """Forcing triton where it cannot run names the reason; auto picks it for CUDA tensors only."""
     x = torch.randn(1, 7, 7, 1, 16, device=DEVICE)

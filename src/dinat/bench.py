@@ -37,6 +37,7 @@ DINAT_MINI_LEVELS = [(56, 2, (1, 8)), (28, 4, (1, 4)), (14, 8, (1, 2)), (7, 16, 
 OURS = ["dinat_mini", "dinat_s_tiny", "dinat_isotropic_small"]
 YARDSTICKS = ["swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224"]
 WINDOW = 7
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 PIPELINED_CALLS = 5  # calls per timing sample on CUDA (see interleaved_medians)
 CPU = torch.device("cpu")
 
@@ -199,15 +200,17 @@ def model_rows(
     device: torch.device,
     dtype: torch.dtype,
     backend: str = "auto",
-    compile: bool = False,
+    compile_mode: str | None = None,
 ) -> list[dict]:
     """Images/s (inference, training step) and training peak memory of each model. A name may end
-    in ``@backend`` (``dinat_mini@flex``) to run that entry's attention on another backend."""
+    in ``@backend`` (``dinat_mini@flex``) to run that entry's attention on another backend;
+    ``compile_mode`` (one of COMPILE_MODES) compiles every model for the img/s columns."""
     torch.manual_seed(0)
     parsed = {name: (name.partition("@")[0], name.partition("@")[2] or backend) for name in names}
     built = {name: _build(model_name).to(device) for name, (model_name, _) in parsed.items()}
-    if compile:  # throughput of the compiled models; the memory column stays eager
-        built = {name: torch.compile(model) for name, model in built.items()}
+    if compile_mode:  # throughput of the compiled models; the memory column stays eager
+        mode = None if compile_mode == "default" else compile_mode
+        built = {name: torch.compile(model, mode=mode) for name, model in built.items()}
     images = torch.randn(batch, 3, 224, 224, device=device)
     targets = torch.zeros(batch, dtype=torch.long, device=device)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -287,7 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--backend", choices=BACKENDS, default="auto", help="attention backend of the op rows and our models"
     )
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile every model for the img/s columns (memory: eager)"
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        help="torch.compile every model for the img/s columns (memory: eager), in this mode (default: "
+        "'default'; 'reduce-overhead' replays CUDA graphs, taking the CPU's launches out of the step)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench_results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": args.dtype,
         "backend": args.backend,
-        "compile": args.compile,
+        "compile": args.compile or False,
     }
     if device.type == "cpu":
         results["cpu_kernels"] = cpu.loaded_build()

@@ -1,5 +1,7 @@
 """The Triton backend: fused neighborhood attention with rpb, forward and backward
-(:mod:`dinat.ops.triton_kernels`), behind ``torch.library`` custom ops.
+(:mod:`dinat.ops.triton_kernels`): ``torch.library`` custom ops under torch.compile (opaque to it,
+with fake implementations), and in eager mode an autograd.Function calling the same functions with
+less host time per call.
 
 The kernels run on CUDA tensors; with ``TRITON_INTERPRET=1`` set before Triton is imported they run
 on CPU tensors in Triton's interpreter instead (numpy, very slow): that is how the test suite checks
@@ -144,7 +146,13 @@ def _fp32_precision() -> str:
 def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool = False) -> dict:
     """Compile-time parameters of kernel ``name`` but the fused kernels' tiles: the fused op's
     'forward', 'delta', 'query' (dq, rpb) and 'key' (dk, dv), and the primitives 'dot',
-    'weighted_sum' and 'scatter'."""
+    'weighted_sum' and 'scatter'. The dict is shared (cached): do not modify it."""
+    precision = _fp32_precision() if dtype == torch.float32 else "tf32"
+    return _cached_constexprs(name, dtype, tuple(kernel), head_dim, has_rpb, precision)
+
+
+@functools.cache
+def _cached_constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, precision: str):
     kh, kw = kernel
     if name == "delta":
         return dict(BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
@@ -154,7 +162,7 @@ def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_
         KH=kh,
         KW=kw,
         BLOCK_D=max(16, _next_power_of_2(head_dim)),  # tl.dot needs 16
-        PRECISION=_fp32_precision() if dtype == torch.float32 else "tf32",
+        PRECISION=precision,
     )
     if name == "scatter":
         return {**params, **_tile_sizes(True, _BLOCK, kw)}
@@ -265,7 +273,7 @@ def compile_for_cuda(
         ("scatter", triton_kernels.na_scatter_kernel),
         ("delta", triton_kernels.na2d_delta_kernel),
     ):
-        constexprs = _constexprs(name, dtype, kernel, head_dim, has_rpb)
+        constexprs = dict(_constexprs(name, dtype, kernel, head_dim, has_rpb))
         options = {"num_warps": _WARPS}
         if name in _FUSED_KERNELS:
             constexprs.update(_tile_sizes(name == "key", tile.tile, kernel[1]))
@@ -316,8 +324,7 @@ def _tuned_grid(q: Tensor, dilation_w: int, tile: str):
     return lambda meta: _grid(q, dilation_w, meta[tile])
 
 
-@torch.library.custom_op("dinat::na2d_triton", mutates_args=())
-def na2d_triton(
+def _forward_kernels(
     q: Tensor, k: Tensor, v: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int], scale: float
 ) -> tuple[Tensor, Tensor]:
     """Fused attention on (B, H, W, heads, D): the output and its base-2 log-sum-exp (B, H, W, heads)."""
@@ -336,6 +343,9 @@ def na2d_triton(
     return out, lse
 
 
+na2d_triton = torch.library.custom_op("dinat::na2d_triton", _forward_kernels, mutates_args=())
+
+
 @na2d_triton.register_fake
 def _(q, k, v, rpb, kernel, dilation, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
@@ -343,13 +353,13 @@ def _(q, k, v, rpb, kernel, dilation, scale):
 
 @functools.lru_cache(maxsize=64)
 def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device) -> Tensor:
-    """(H * kh, 2kh - 1) float64 one-hot: the rpb row of each query row's i-th key row."""
+    """(2kh - 1, H * kh) float64 one-hot: column x (query row, i-th key row) marks that key row's rpb row."""
     _, rows = reference.axis_neighborhood(height, kernel_h, dilation_h, device)  # made there: no copy
-    return torch.nn.functional.one_hot(rows.flatten(), 2 * kernel_h - 1).to(torch.float64)  # (in a CUDA graph)
+    one_hot = torch.nn.functional.one_hot(rows.flatten(), 2 * kernel_h - 1)  # (not in a CUDA graph: it syncs)
+    return one_hot.t().to(torch.float64).contiguous()
 
 
-@torch.library.custom_op("dinat::na2d_triton_backward", mutates_args=())
-def na2d_triton_backward(
+def _backward_kernels(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -376,7 +386,9 @@ def na2d_triton_backward(
     slots = _grid(q, dilation[1], min(config.tile for config in TILES))[2]
     bias_cols = 2 * kernel[1] - 1
     partial_shape = (batch, heads, height, slots, kernel[0], bias_cols) if rpb is not None else (0,)
-    partial = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
+    # every slot is written when all configurations have the smallest tile; else some stay zero
+    allocate = torch.empty if len({config.tile for config in TILES}) == 1 else torch.zeros
+    partial = allocate(partial_shape, dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     with _device_of(q):
         triton_kernels.na2d_delta_kernel[(batch * heads, height, -(-width // _BLOCK))](
@@ -396,9 +408,11 @@ def na2d_triton_backward(
     # partial rows are (batch, head, query row, column slot, i-th key row): to rpb rows
     per_row = partial.sum((0, 3), dtype=torch.float64)
     rows = _bias_rows(height, kernel[0], dilation[0], q.device)
-    grad_rpb = torch.einsum("nxc,xr->nrc", per_row.reshape(heads, -1, bias_cols), rows)
-    # contiguous, as the fake says: compiled graphs read it with the fake's strides
-    return grad_q, grad_k, grad_v, grad_rpb.to(rpb.dtype).contiguous()
+    grad_rpb = torch.matmul(rows, per_row.reshape(heads, -1, bias_cols))  # contiguous, as the fake says
+    return grad_q, grad_k, grad_v, grad_rpb.to(rpb.dtype)
+
+
+na2d_triton_backward = torch.library.custom_op("dinat::na2d_triton_backward", _backward_kernels, mutates_args=())
 
 
 @na2d_triton_backward.register_fake
@@ -413,7 +427,8 @@ def _setup(ctx, inputs, output) -> None:
     ctx.args = (kernel, dilation, scale)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _gradients(ctx, grad_out, backward_kernels):
+    """The seven inputs' gradients, from ``backward_kernels`` (the custom op, or its function)."""
     q, k, v, rpb, out, lse = ctx.saved_tensors
     kernel, dilation, scale = ctx.args
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
@@ -421,11 +436,31 @@ def _backward(ctx, grad_out, _grad_lse):
             na2d_qk, na2d_av, grad_out, (q, k, v, rpb), ctx.needs_input_grad[:4], tuple(kernel), tuple(dilation), scale
         )
         return (*grads, None, None, None)
-    grad_q, grad_k, grad_v, grad_rpb = na2d_triton_backward(grad_out, q, k, v, rpb, out, lse, *ctx.args)
+    grad_q, grad_k, grad_v, grad_rpb = backward_kernels(grad_out, q, k, v, rpb, out, lse, *ctx.args)
     return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
 
 
-na2d_triton.register_autograd(_backward, setup_context=_setup)
+na2d_triton.register_autograd(
+    lambda ctx, grad_out, _grad_lse: _gradients(ctx, grad_out, na2d_triton_backward), setup_context=_setup
+)
+
+
+class _EagerNA2d(torch.autograd.Function):
+    """The fused op outside torch.compile: the custom ops' functions, without the custom ops'
+    dispatch (schema defaults, alias checks, redispatch through autograd: about a third of the
+    host time of a forward+backward, benchmarks/triton_host_overhead.py). Training on a GPU at
+    DiNAT-Mini's sizes is bound by that host time about as much as by the kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, kernel, dilation, scale):
+        out, lse = _forward_kernels(q, k, v, rpb, kernel, dilation, scale)
+        ctx.mark_non_differentiable(lse)
+        _setup(ctx, (q, k, v, rpb, kernel, dilation, scale), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        return _gradients(ctx, grad_out, _backward_kernels)
 
 
 # -- the backend interface (see functional.py) -------------------------------------------------
@@ -434,7 +469,8 @@ na2d_triton.register_autograd(_backward, setup_context=_setup)
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     if grouped.is_whole(q.shape[1], q.shape[2], kernel, dilation):
         return grouped.attention(q, k, v, kernel, dilation, rpb, scale)
-    out, _ = na2d_triton(q, k, v, rpb, list(kernel), list(dilation), scale)
+    op = na2d_triton if torch.compiler.is_compiling() else _EagerNA2d.apply  # compiled: an opaque op
+    out, _ = op(q, k, v, rpb, list(kernel), list(dilation), scale)
     return out
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 6's GPU checks in one bounded run (about 9 minutes, within one device call):
+#   1. the Triton op tests (each launch configuration is tested by itself, so the rest run on the
+#      first one, without autotuning);
+#   2. the training steps' kernel profiles (benchmarks/cuda_kernels.py, without the per-config sweep);
+#   3. `dinat bench` on CUDA, eager: the op at every DiNAT-Mini level against window attention, and
+#      dinat_mini's inference and training step against Swin-T's (bfloat16, batch 128);
+#   4. the same models compiled with CUDA graphs (--compile reduce-overhead).
+# Each step has its own time limit, so the later figures come back even if an earlier step runs long
+# (NO_LIMITS=1 lifts them, as `make bench-cuda` does).
+# usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]   (CUDA_TESTS="..." to test other files)
+set -u
+out=${1:?usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]}
+py=${2:-python3}
+tests=${CUDA_TESTS:-tests/test_ops_triton.py tests/test_ops_triton_unfused.py}
+models="dinat_mini swin_tiny_patch4_window7_224"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to OUTPUT_DIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    if [ "${NO_LIMITS:-0}" = 1 ]; then "$@"; else timeout "$limit" "$@"; fi >"$out/$name.log" 2>&1
+    echo "== $name: exit $?"
+}
+
+# shellcheck disable=SC2086  # the test list and models are word lists
+step tests 150 env DINAT_TRITON_AUTOTUNE=0 $py -m pytest -q -p no:cacheprovider $tests
+tail -3 "$out/tests.log"
+step profile 60 $py benchmarks/cuda_kernels.py --skip-configs --output "$out/profile"
+grep -E "^[a-z_0-9]+: wall" "$out/profile.log"
+# shellcheck disable=SC2086
+step eager 150 $py -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --repeats 20 --no-reference \
+    --models $models --output "$out/eager"
+grep -E "^(shape|model|[0-9]+x[0-9]+ |dinat|swin)" "$out/eager.log" | grep -v "^  "
+# shellcheck disable=SC2086
+step cudagraphs 200 $py -m dinat.cli bench --suite model --compile reduce-overhead --device cuda --dtype bfloat16 \
+    --batch 128 --repeats 10 --models $models --output "$out/cudagraphs"
+grep -E "^(model|dinat|swin)" "$out/cudagraphs.log"

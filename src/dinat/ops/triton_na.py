@@ -382,12 +382,13 @@ def _backward_kernels(
     shape_args = (heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e), scale)
     strides = (*_strides(q, k, v, grad_out), bias_sn, bias_sh)
 
-    # the rpb gradient's partial sums: a slot per column program of the smallest tile (see the kernel)
-    slots = _grid(q, dilation[1], min(config.tile for config in TILES))[2]
+    # the rpb gradient's partial sums: a slot per column program of the smallest tile (see the kernel);
+    # every slot is written when the autotuner has that tile only, else some stay zero
+    tiles = {config.tile for config in _configs_for(q.dtype, dim)}
+    slots = _grid(q, dilation[1], min(tiles))[2]
     bias_cols = 2 * kernel[1] - 1
     partial_shape = (batch, heads, height, slots, kernel[0], bias_cols) if rpb is not None else (0,)
-    # every slot is written when all configurations have the smallest tile; else some stay zero
-    allocate = torch.empty if len({config.tile for config in TILES}) == 1 else torch.zeros
+    allocate = torch.empty if len(tiles) == 1 else torch.zeros
     partial = allocate(partial_shape, dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     with _device_of(q):

@@ -104,12 +104,14 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
     row["backward_kernels"], row["backward_cuda_ms"] = cuda_kernel_table(backward, 5, 12)
     row["backward_ms"] = bench_ms(backward)
     configs = []
-    original = triton_na._fused_kernel
+    original = triton_na._fused_kernel, triton_na._tile_configs
     first = {name: triton_na._autotuned_kernel(name, (triton_na.TILES[0],)) for name in ("forward", "query", "key")}
     try:
         for name, config in itertools.product(("forward", "query", "key"), CONFIGS):
             chosen = dict(first, **{name: triton_na._autotuned_kernel(name, (config,))})
             triton_na._fused_kernel = lambda kernel, dtype, head_dim, chosen=chosen: chosen[kernel]
+            # the configurations in use, which size the rpb gradient's partial sums
+            triton_na._tile_configs = lambda config=config: (triton_na.TILES[0], config)
             entry = {"kernel": name, **config._asdict()}
             try:
                 entry["ms"] = bench_ms(forward if name == "forward" else backward)
@@ -117,7 +119,7 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
                 entry["error"] = f"{type(error).__name__}: {str(error)[:120]}"
             configs.append(entry)
     finally:
-        triton_na._fused_kernel = original
+        triton_na._fused_kernel, triton_na._tile_configs = original
     row["configs"] = configs
     for name in ("forward", "query", "key"):
         timed = [c for c in configs if c["kernel"] == name and "ms" in c]

@@ -73,11 +73,13 @@ def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
     reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
 )
 @pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float32, 256), (torch.float32, 128), (torch.float16, 256)])
-def test_the_widest_heads_fit_the_shared_memory_of_an_a100(dtype, head_dim) -> None:
+@pytest.mark.parametrize("kernel", [(7, 7), (13, 13)], ids=["k7", "k13"])
+def test_the_widest_heads_fit_the_shared_memory_of_an_a100(dtype, head_dim, kernel) -> None:
     """Triton checks shared memory only at launch. At tile 16 every fused kernel fits an A100's
     163 KB per block (float32 at head dim 256 did not with 3 pipeline stages: 170 KB), and float32
-    over head dim 128 within what `unavailable_reason` asks of a device."""
-    compiled = triton_na.compile_for_cuda(80, dtype, (7, 7), head_dim, True)
+    over head dim 128 within what `unavailable_reason` asks of a device, for every kernel size (a
+    dk/dv query tile sized for the widest kernels' reach needed 172 KB at 13x13)."""
+    compiled = triton_na.compile_for_cuda(80, dtype, kernel, head_dim, True)
     limit = triton_na._WIDE_FP32_SHARED_BYTES if triton_na._is_wide_fp32(dtype, head_dim) else 166912
     for name in ("forward", "query", "key"):
         assert compiled[name].metadata.shared <= limit, name
@@ -241,7 +243,8 @@ def test_every_tile_matches_reference(tile_configs, configs, shape, kernel, dila
         picks = {p["kernel"]: p for p in triton_na.autotuned() if (p["height"], p["width"]) == shape[1:3]}
         assert sorted(picks) == ["forward", "key", "query"]
         picked = [triton_na.TileConfig(p["tile"], p["num_warps"], p["num_stages"]) for p in picks.values()]
-        assert all(c in configs for c in picked) and all(p["dtype"] == "torch.float32" for p in picks.values())
+        assert all(c in configs for c in picked)
+        assert all(p["dtype"] == p["arg_dtypes"] == "torch.float32" for p in picks.values())
 
 
 @needs_kernels

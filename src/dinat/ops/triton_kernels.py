@@ -16,8 +16,9 @@ a stride), and the tile does BLOCK_N / kw times the minimal work instead of the 
 whole rows of keys.
 
 The key-side backward mirrors it: a program owns BLOCK_N key places of one row and visits every query
-row that attends that key row (kh of them inside the image, up to 3*kh/2 at the borders), with one
-query tile covering the queries whose windows reach its keys.
+row that attends that key row (kh of them inside the image, up to 3*kh/2 at the borders), with query
+tiles covering the queries whose windows reach its keys (one, for DiNAT's kernel sizes), in one
+loop over (query row, query tile) that Triton pipelines.
 
 The unfused ops' three primitives (dot, weighted sum, scatter) at the end reuse the same tiles.
 """
@@ -91,9 +92,10 @@ def _reaching_queries(first, last, group_len, KERNEL: tl.constexpr):
 def _key_tile(pid_col, key_row, height, width, dil_h, dil_w, BLOCK_N: tl.constexpr, KH: tl.constexpr,
               KW: tl.constexpr):  # fmt: skip
     """A key program's BLOCK_N key places (of one column group) in ``key_row``, and the query rows
-    and column places that reach them: at most BLOCK_N + 2 * KW - 2 places (BLOCK_N + KW - 1 inside
-    the group; a window clamped at a border reaches up to KW - 1 places further), so one tile of
-    BLOCK_M places covers them.
+    and column places that reach them: BLOCK_N + KW - 1 places inside the group, up to
+    BLOCK_N + KW - 1 + KW // 2 at a border when BLOCK_N >= KW (a clamped window reaches further),
+    so one tile of BLOCK_M = next_pow2(BLOCK_N + KW - 1) places covers them for kernels up to 11
+    wide at BLOCK_N 16, and two tiles otherwise.
 
     Returns (column group, group length, key places, key valid, query place range lo/hi along the
     row, row group, key row place, row group length, query row place range lo/hi).
@@ -279,16 +281,16 @@ def na2d_backward_key_kernel(
     v = tl.load(_tokens(V, b, key_row, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # the BLOCK_M query places from query_lo cover query_lo..query_hi (see _key_tile), so this is the
-    # innermost loop, and Triton pipelines its loads
-    place = query_lo + tl.arange(0, BLOCK_M)
-    valid = place <= query_hi
-    cols = group + dil_w * place
-    rel = key_place[:, None] - _window_start(place, group_len, KW)[None, :]
-    in_window = (rel >= 0) & (rel < KW) & valid[None, :] & key_valid[:, None]
-    q_mask = valid[:, None] & d_ok[None, :]
-    bias_col = key_place[:, None] - place[None, :] + KW - 1
-    for query_row_place in range(row_lo, row_hi + 1):
+    tiles = (query_hi - query_lo) // BLOCK_M + 1  # query tiles per row (see _key_tile)
+    for step in range((row_hi - row_lo + 1) * tiles):  # one loop, which Triton pipelines
+        query_row_place = row_lo + step // tiles
+        place = query_lo + (step % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = place <= query_hi
+        cols = group + dil_w * place
+        rel = key_place[:, None] - _window_start(place, group_len, KW)[None, :]
+        in_window = (rel >= 0) & (rel < KW) & valid[None, :] & key_valid[:, None]
+        q_mask = valid[:, None] & d_ok[None, :]
+        bias_col = key_place[:, None] - place[None, :] + KW - 1
         row = row_group + dil_h * query_row_place
         rpb_row = RPB + n * r_sn + (key_row_place - query_row_place + KH - 1) * r_sh
         q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
@@ -398,11 +400,13 @@ def na_scatter_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    place = query_lo + tl.arange(0, BLOCK_M)  # covers query_lo..query_hi (see _key_tile)
-    valid = place <= query_hi
-    rel = key_place[:, None] - _window_start(place, group_len, KW)[None, :]
-    in_window = (rel >= 0) & (rel < KW) & valid[None, :] & key_valid[:, None]
-    for query_row_place in range(row_lo, row_hi + 1):
+    tiles = (query_hi - query_lo) // BLOCK_M + 1  # query tiles per row (see _key_tile)
+    for step in range((row_hi - row_lo + 1) * tiles):  # one loop, which Triton pipelines
+        query_row_place = row_lo + step // tiles
+        place = query_lo + (step % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = place <= query_hi
+        rel = key_place[:, None] - _window_start(place, group_len, KW)[None, :]
+        in_window = (rel >= 0) & (rel < KW) & valid[None, :] & key_valid[:, None]
         row = row_group + dil_h * query_row_place
         i = key_row_place - _window_start(query_row_place, rows_len, KH)  # this key row's index in the window
         tokens = (n * height + row) * width + group + dil_w * place

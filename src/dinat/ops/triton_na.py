@@ -51,9 +51,10 @@ class TileConfig(NamedTuple):
 
 # Per query and key row a program computes as many logits as the tile's key span (32 at tile 16 with
 # kw=7): the kernels are latency-bound (their products are tiny), and on an H100 (bf16, DiNAT-Mini's
-# d1 levels, benchmarks/cuda_kernels.py) tile 32 was 1.5-3x slower than 16 for every kernel; among
-# tile 16's, 1 warp was fastest for the forward and dk/dv at 56x56 and 28x28 (0.55 vs 0.77 ms for
-# 4 warps), 2 or 4 warps elsewhere; the stages changed little. Triton's autotuner times each at the
+# d1 levels, benchmarks/cuda_kernels.py) tile 32 was 1.3-2.6x slower than 16 for every kernel; among
+# tile 16's, 1 warp was fastest for the forward at every level (0.55 vs 0.77 ms for 4 warps at
+# 56x56) and for dk/dv at 56x56 and 28x28, 4 warps for dk/dv at 14x14, and dq varied by 2% but for
+# 14x14 (1 warp 20% slower); the stages changed little. Triton's autotuner times each at the
 # first launch of every shape and keeps the fastest (so run a shape once before capturing it in a
 # CUDA graph, as torch.compile's "reduce-overhead" mode does); see _tile_configs for when the first
 # is used alone.
@@ -127,11 +128,10 @@ def _next_power_of_2(n: int) -> int:
 
 def _tile_sizes(key_side: bool, tile: int, kw: int) -> dict:
     """BLOCK_M / BLOCK_N of a program owning ``tile`` places: the key places a query tile needs along
-    a row are its places plus the window's overhang, kw - 1; the queries whose windows reach a key
-    tile, up to tile + 2 * kw - 2 (windows clamped at the borders reach further)."""
-    if key_side:
-        return {"BLOCK_M": _next_power_of_2(tile + 2 * kw - 2), "BLOCK_N": tile}
-    return {"BLOCK_M": tile, "BLOCK_N": _next_power_of_2(tile + kw - 1)}
+    a row are its places plus the window's overhang (and the queries of a key tile likewise, in one
+    tile or more: see triton_kernels._key_tile)."""
+    window = _next_power_of_2(tile + kw - 1)
+    return {"BLOCK_M": window, "BLOCK_N": tile} if key_side else {"BLOCK_M": tile, "BLOCK_N": window}
 
 
 def _fp32_precision() -> str:
@@ -234,8 +234,10 @@ def _autotuned_kernel(name: str, configs: tuple[TileConfig, ...]):
 
 
 def autotuned() -> list[dict]:
-    """What Triton's autotuner picked so far: one row per fused kernel and shape (key), with the tile,
-    warp count and pipeline stages. Empty when it had a single configuration to use (no choice made)."""
+    """What Triton's autotuner picked so far: one row per fused kernel and key (shape and the
+    arguments' dtypes: a float32 rpb with bfloat16 q, as under autocast, is another key than a bfloat16
+    one), with the tile, warp count and pipeline stages. Empty when it had a single configuration to
+    use (no choice made)."""
     if _TRITON_PROBLEM:
         return []
     picks = []
@@ -244,7 +246,9 @@ def autotuned() -> list[dict]:
             for key, config in _autotuned_kernel(name, configs).cache.items():
                 (tile,) = config.kwargs.values()
                 shape = dict(zip(_AUTOTUNE_KEY, key))
-                picks.append({"kernel": name, **shape, "dtype": key[len(_AUTOTUNE_KEY)], "tile": tile,
+                dtypes = key[len(_AUTOTUNE_KEY) :]  # of every tensor argument: q's, then rpb's among them
+                arg_dtypes = "/".join(dict.fromkeys(dtypes))
+                picks.append({"kernel": name, **shape, "dtype": dtypes[0], "arg_dtypes": arg_dtypes, "tile": tile,
                               "num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     return picks
 

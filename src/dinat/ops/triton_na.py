@@ -42,7 +42,7 @@ _WIDE_FP32_SHARED_BYTES = 102656
 class TileConfig(NamedTuple):
     """A launch configuration of the fused kernels: ``tile`` query places per program (forward, dq)
     or key places per program (dk, dv), ``warps`` per program, and ``stages`` of Triton's software
-    pipelining of the kernels' innermost loop (the kh key rows, or the query rows of a key tile)."""
+    pipelining of the kernels' loop (over the kh key rows, or over a key tile's query rows and tiles)."""
 
     tile: int
     warps: int
@@ -111,11 +111,6 @@ def unavailable_reason(x: Tensor | None = None) -> str:
 
 def _is_wide_fp32(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype == torch.float32 and head_dim > _WIDE_FP32_HEAD_DIM
-
-
-def _pipeline_stages(config: TileConfig, dtype: torch.dtype, head_dim: int) -> int:
-    """The fused kernels' software-pipeline stages: the configuration's, at most 2 for wide float32."""
-    return min(config.stages, _WIDE_FP32_STAGES) if _is_wide_fp32(dtype, head_dim) else config.stages
 
 
 def available(x: Tensor | None = None) -> bool:
@@ -205,13 +200,16 @@ def _fused_kernel(name: str, dtype: torch.dtype, head_dim: int):
 
 
 def _configs_for(dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
-    """:func:`_tile_configs` with their stages as :func:`_pipeline_stages` allows (duplicates dropped)."""
-    return _stage_capped(_tile_configs(), dtype, head_dim)
+    """:func:`_tile_configs` for tensors of ``dtype`` and ``head_dim`` (see :func:`_stage_capped`)."""
+    return _stage_capped(_tile_configs(), _is_wide_fp32(dtype, head_dim))
 
 
 @functools.cache
-def _stage_capped(configs: tuple[TileConfig, ...], dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
-    return tuple(dict.fromkeys(c._replace(stages=_pipeline_stages(c, dtype, head_dim)) for c in configs))
+def _stage_capped(configs: tuple[TileConfig, ...], wide_fp32: bool) -> tuple[TileConfig, ...]:
+    """``configs`` with at most _WIDE_FP32_STAGES pipeline stages for wide float32 (duplicates dropped)."""
+    if not wide_fp32:
+        return configs
+    return tuple(dict.fromkeys(c._replace(stages=min(c.stages, _WIDE_FP32_STAGES)) for c in configs))
 
 
 @functools.cache
@@ -242,7 +240,7 @@ def autotuned() -> list[dict]:
         return []
     picks = []
     for name in _FUSED_KERNELS:
-        for configs in dict.fromkeys(_configs_for(dtype, 256) for dtype in _DTYPES):  # wide float32's own
+        for configs in dict.fromkeys(_stage_capped(_tile_configs(), wide) for wide in (False, True)):
             for key, config in _autotuned_kernel(name, configs).cache.items():
                 (tile,) = config.kwargs.values()
                 shape = dict(zip(_AUTOTUNE_KEY, key))
@@ -268,6 +266,7 @@ def compile_for_cuda(
 
     element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     compiled = {}
+    tile = _stage_capped((tile,), _is_wide_fp32(dtype, head_dim))[0]  # as a launch caps its stages
     for name, fn in (
         ("forward", triton_kernels.na2d_forward_kernel),
         ("query", triton_kernels.na2d_backward_query_kernel),
@@ -281,7 +280,7 @@ def compile_for_cuda(
         options = {"num_warps": _WARPS}
         if name in _FUSED_KERNELS:
             constexprs.update(_tile_sizes(name == "key", tile.tile, kernel[1]))
-            options.update(num_warps=tile.warps, num_stages=_pipeline_stages(tile, dtype, head_dim))
+            options.update(num_warps=tile.warps, num_stages=tile.stages)
         signature = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -557,7 +556,7 @@ def na2d_qk(q: Tensor, k: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | No
 def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     """Weighted sum of each query's neighborhood of v, heads-first (B, heads, H, W, D)."""
     batch, heads, height, width, dim = v.shape
-    # float32 weights stay float32 (the kernel reads them in their dtype): see primitives' module doc
+    # float32 weights stay float32 (the kernel reads them in their dtype): see na_dot
     weights = attn.reshape(batch * heads, height, width, kernel[0] * kernel[1])
     out = na_weighted_sum(weights, v.reshape(batch * heads, height, width, dim), list(kernel), list(dilation))
     return out.view(batch, heads, height, width, dim)

@@ -206,11 +206,11 @@ def tile_configs(monkeypatch):
     yield use
 
 
-# rows spanning several programs of every tile (70 places), and dilation groups of 15 places
 # on CUDA every configuration (warps and stages change the compiled code); the interpreter ignores
 # both, so there one per tile size
 FIRST_OF_EACH_TILE = tuple({c.tile: c for c in reversed(triton_na.TILES)}.values())
 CONFIGS_TO_RUN = triton_na.TILES if DEVICE.type == "cuda" else FIRST_OF_EACH_TILE
+# rows spanning several programs of every tile (70 places), and dilation groups of 15 places
 TILED_SHAPES = [((1, 5, 70, 1, 16), (3, 7), (1, 1)), ((1, 6, 45, 2, 8), (3, 5), (2, 3))]
 
 

@@ -26,10 +26,9 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from dinat.bench import _build, window_attention
+from dinat.bench import _build, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
 from dinat.ops import na2d, triton_na
 
@@ -141,16 +140,9 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
 def model_profile(name: str, batch: int, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     model = _build(name).cuda().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, 224, 224, device="cuda")
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=dtype):
-            loss = F.cross_entropy(model(images).float(), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = training_step(model, images, targets, dict(device_type="cuda", dtype=dtype))  # the bench's step
 
     for _ in range(3):
         step()

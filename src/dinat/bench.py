@@ -192,6 +192,23 @@ def peak_train_memory_mb(
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def training_step(
+    model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, autocast: dict, backend: str = "auto"
+) -> Callable[[], None]:
+    """One AdamW training step of ``model`` on ``images`` (cross-entropy against ``targets``, under
+    ``torch.autocast(**autocast)``, attention on ``backend``), as a callable."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with use_backend(backend), torch.autocast(**autocast):
+            loss = F.cross_entropy(model(images).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def model_rows(
     names: list[str],
     batch: int,
@@ -222,24 +239,13 @@ def model_rows(
 
         return run
 
-    def train_step(name):
-        optimizer = torch.optim.AdamW(built[name].parameters(), lr=1e-4)
-
-        def run():
-            with use_backend(parsed[name][1]), torch.autocast(**autocast):
-                loss = F.cross_entropy(built[name](images).float(), targets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return run
-
     for model in built.values():
         model.eval()
     infer = interleaved_medians({name: inference(name) for name in names}, repeats, device)
     for model in built.values():
         model.train()
-    train = interleaved_medians({name: train_step(name) for name in names}, max(3, repeats // 2), device)
+    steps = {name: training_step(built[name], images, targets, autocast, parsed[name][1]) for name in names}
+    train = interleaved_medians(steps, max(3, repeats // 2), device)
     built.clear()
     rows = []
     for name in names:

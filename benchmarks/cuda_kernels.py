@@ -98,7 +98,8 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
         triton_na.na2d_triton(qc, kc, vc, rpb.detach(), [7, 7], [1, 1], scale)
 
     def backward():
-        triton_na.na2d_triton_backward(grad, qc, kc, vc, rpb.detach(), out, lse, [7, 7], [1, 1], scale)
+        partial = triton_na.na2d_triton_backward(grad, qc, kc, vc, rpb.detach(), out, lse, [7, 7], [1, 1], scale)[3]
+        triton_na._rpb_gradient(partial, rpb.detach(), [7, 7], [1, 1])
 
     row["backward_kernels"], row["backward_cuda_ms"] = cuda_kernel_table(backward, 5, 12)
     row["backward_ms"] = bench_ms(backward)

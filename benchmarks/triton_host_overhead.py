@@ -7,6 +7,11 @@ allocations, the rpb gradient's reduction) on tiny CPU tensors in Triton's inter
 every kernel launch replaced by a no-op, and reports microseconds per forward+backward: the part of
 the cost that is ours, measurable on any machine.
 
+Then it counts the PyTorch ops (views aside: each of the rest launches a kernel or more on a GPU)
+that one training step's forward and backward dispatch, for dinat_mini (attention on this backend)
+and for timm's Swin-T, at batch 2 and 224 px under the CPU's bfloat16 autocast: the bench's training
+step without its optimizer. A step bound by the CPU's launches costs about in proportion to them.
+
     TRITON_INTERPRET=1 python benchmarks/triton_host_overhead.py
 """
 
@@ -15,13 +20,22 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections import Counter
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise SystemExit("run with TRITON_INTERPRET=1 (the backend then accepts CPU tensors)")
 
+from dinat.bench import _build  # noqa: E402
 from dinat.ops import na2d, triton_kernels, triton_na, use_backend  # noqa: E402
+
+# ops that make no kernel launch: views, metadata, and uninitialised allocations
+_NO_LAUNCH = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze",
+              "select", "slice", "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "narrow",
+              "view_as", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}  # fmt: skip
 
 
 class _NoLaunch:
@@ -29,6 +43,40 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched inside it, by name, leaving out those in _NO_LAUNCH."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _NO_LAUNCH:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def training_step_ops(name: str) -> tuple[Counter[str], int]:
+    """The ops of one forward+backward of model ``name`` (batch 2, 224 px, bfloat16 autocast), and
+    the model's number of transformer blocks."""
+    torch.manual_seed(0)
+    model = _build(name).train()
+    images, targets = torch.randn(2, 3, 224, 224), torch.zeros(2, dtype=torch.long)
+
+    def step() -> None:
+        with use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images).float(), targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # autocast's and the backend's first-call work
+    with _OpCounter() as counter:
+        step()
+    blocks = sum(type(m).__name__ in ("NATBlock", "SwinTransformerBlock") for m in model.modules())
+    return counter.counts, blocks
 
 
 def main(repeats: int = 2000) -> None:
@@ -53,6 +101,10 @@ def main(repeats: int = 2000) -> None:
             times["forward+backward"].append(end - middle)
     for name, values in times.items():
         print(f"{name}: {statistics.median(values) * 1e6:.0f} us (median of {repeats})")
+    for name in ("dinat_mini", "swin_tiny_patch4_window7_224"):
+        counts, blocks = training_step_ops(name)
+        top = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
+        print(f"{name}: {sum(counts.values())} ops per training step's forward+backward, {blocks} blocks ({top}, ...)")
 
 
 if __name__ == "__main__":

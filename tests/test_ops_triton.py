@@ -371,7 +371,9 @@ def test_custom_ops_pass_opcheck(dtype, with_rpb) -> None:
 @needs_kernels
 def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
     """Eagerly the op is an autograd.Function calling the kernels' functions; under torch.compile
-    the custom op (opaque, with its registered autograd): the same output and gradients."""
+    the custom op (opaque, with its registered autograd): the same output and gradients. The
+    compiled backward builds the rpb gradient's one-hot in its graph: it takes no tensor from the
+    eager path's cache (CUDA graph trees refuse or overwrite tensors kept alive between calls)."""
     shape, kernel, dilation = (1, 9, 11, 2, 16), (3, 5), (2, 1)
     qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
 
@@ -385,14 +387,17 @@ def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
         return torch._dynamo.lookup_backend("aot_eager")(graph_module, inputs)
 
     torch._dynamo.reset()
-    results = []
+    triton_na._cached_bias_rows.cache_clear()
+    results, cache_calls = [], []
     for fn in (attend, torch.compile(attend, fullgraph=True, backend=recording_aot_eager)):
         leaves = [t.to(DEVICE).requires_grad_() for t in (qkv, rpb)]
         out = fn(*leaves)
         results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+        cache_calls.append(triton_na._cached_bias_rows.cache_info()[:2])  # (hits, misses)
         if fn is attend:
             assert type(out.grad_fn).__name__ == "_EagerNA2dBackward"
     assert "dinat.na2d_triton.default" in traced
+    assert cache_calls == [(0, 1), (0, 1)], cache_calls
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import grouped, primitives, reference
 
@@ -354,12 +355,47 @@ def _(q, k, v, rpb, kernel, dilation, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=64)
 def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device) -> Tensor:
-    """(2kh - 1, H * kh) float64 one-hot: column x (query row, i-th key row) marks that key row's rpb row."""
-    _, rows = reference.axis_neighborhood(height, kernel_h, dilation_h, device)  # made there: no copy
-    one_hot = torch.nn.functional.one_hot(rows.flatten(), 2 * kernel_h - 1)  # (not in a CUDA graph: it syncs)
-    return one_hot.t().to(torch.float64).contiguous()
+    """(2kh - 1, H * kh) float64 one-hot: column x (query row, i-th key row) marks that key row's rpb
+    row. Built without a host synchronisation, so it may be built inside a CUDA graph."""
+    _, rows = reference.axis_neighborhood(height, kernel_h, dilation_h, device)
+    return (torch.arange(2 * kernel_h - 1, device=device)[:, None] == rows.flatten()).to(torch.float64)
+
+
+_cached_bias_rows = functools.lru_cache(maxsize=64)(_bias_rows)
+
+
+def _tiles_and_slots(q: Tensor, dilation: list[int]) -> tuple[set[int], int]:
+    """The tile sizes the autotuner may launch, and the column slots of q's rpb-gradient partial
+    sums: one per column program of the smallest tile (each program writes its own). (The tiles
+    do not depend on q's dtype and head dim, which cap only the stages: see _configs_for.)"""
+    tiles = {config.tile for config in _tile_configs()}
+    return tiles, _grid(q, dilation[1], min(tiles))[2]
+
+
+def _rpb_partial_shape(q: Tensor, kernel: list[int], slots: int, has_rpb: bool) -> tuple[int, ...]:
+    """Shape of the query kernel's rpb-gradient partial sums, (batch, heads, query row, column slot,
+    i-th key row, rpb column); (0,) without rpb."""
+    if not has_rpb:
+        return (0,)
+    batch, height, _, heads, _ = q.shape
+    return (batch, heads, height, slots, kernel[0], 2 * kernel[1] - 1)
+
+
+def _rpb_gradient(partial: Tensor, rpb: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
+    """rpb's gradient from the partial sums: summed over batch and slots in float64, then each
+    (query row, i-th key row) added to the rpb row that key row uses (a matmul with a one-hot).
+
+    This runs outside the custom ops, so torch.compile traces it: the one-hot is then built in the
+    graph instead of taken from the cache. Compiled code keeps no tensor alive between calls: CUDA
+    graph trees ("reduce-overhead") refuse, or overwrite, a tensor cached from inside their memory
+    pool, where they run a compiled function's first (warm-up) call."""
+    heads, height, bias_cols = rpb.shape[0], partial.shape[2], rpb.shape[2]
+    per_row = partial.sum((0, 3), dtype=torch.float64)
+    traced = type(partial) is not Tensor and is_fake(partial)  # (a plain Tensor is real: the fast test first)
+    one_hot = _bias_rows if traced else _cached_bias_rows
+    rows = one_hot(height, kernel[0], dilation[0], partial.device)
+    return torch.matmul(rows, per_row.reshape(heads, -1, bias_cols)).to(rpb.dtype)
 
 
 def _backward_kernels(
@@ -374,7 +410,8 @@ def _backward_kernels(
     dilation: list[int],
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of q, k, v (contiguous) and rpb (empty without rpb)."""
+    """Gradients of q, k, v (contiguous), and the rpb gradient's partial sums (empty without rpb:
+    see _rpb_gradient)."""
     from . import triton_kernels
 
     grad_out, q, k, v = (_unit_stride(t) for t in (grad_out, q, k, v))
@@ -385,14 +422,10 @@ def _backward_kernels(
     shape_args = (heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e), scale)
     strides = (*_strides(q, k, v, grad_out), bias_sn, bias_sh)
 
-    # the rpb gradient's partial sums: a slot per column program of the smallest tile (see the kernel);
-    # every slot is written when the autotuner has that tile only, else some stay zero
-    tiles = {config.tile for config in _configs_for(q.dtype, dim)}
-    slots = _grid(q, dilation[1], min(tiles))[2]
-    bias_cols = 2 * kernel[1] - 1
-    partial_shape = (batch, heads, height, slots, kernel[0], bias_cols) if rpb is not None else (0,)
+    # every slot of the partial sums is written when the autotuner has one tile size, else some stay zero
+    tiles, slots = _tiles_and_slots(q, dilation)
     allocate = torch.empty if len(tiles) == 1 else torch.zeros
-    partial = allocate(partial_shape, dtype=torch.float32, device=q.device)
+    partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     with _device_of(q):
         triton_kernels.na2d_delta_kernel[(batch * heads, height, -(-width // _BLOCK))](
@@ -407,13 +440,7 @@ def _backward_kernels(
             q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, *shape_args,
             **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
-    if rpb is None:
-        return grad_q, grad_k, grad_v, q.new_empty(0)
-    # partial rows are (batch, head, query row, column slot, i-th key row): to rpb rows
-    per_row = partial.sum((0, 3), dtype=torch.float64)
-    rows = _bias_rows(height, kernel[0], dilation[0], q.device)
-    grad_rpb = torch.matmul(rows, per_row.reshape(heads, -1, bias_cols))  # contiguous, as the fake says
-    return grad_q, grad_k, grad_v, grad_rpb.to(rpb.dtype)
+    return grad_q, grad_k, grad_v, partial
 
 
 na2d_triton_backward = torch.library.custom_op("dinat::na2d_triton_backward", _backward_kernels, mutates_args=())
@@ -422,7 +449,8 @@ na2d_triton_backward = torch.library.custom_op("dinat::na2d_triton_backward", _b
 @na2d_triton_backward.register_fake
 def _(grad_out, q, k, v, rpb, out, lse, kernel, dilation, scale):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
-    return *grads, (q.new_empty(0) if rpb is None else torch.empty_like(rpb))
+    partial_shape = _rpb_partial_shape(q, kernel, _tiles_and_slots(q, dilation)[1], rpb is not None)
+    return *grads, q.new_empty(partial_shape, dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -440,8 +468,9 @@ def _gradients(ctx, grad_out, backward_kernels):
             na2d_qk, na2d_av, grad_out, (q, k, v, rpb), ctx.needs_input_grad[:4], tuple(kernel), tuple(dilation), scale
         )
         return (*grads, None, None, None)
-    grad_q, grad_k, grad_v, grad_rpb = backward_kernels(grad_out, q, k, v, rpb, out, lse, *ctx.args)
-    return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
+    grad_q, grad_k, grad_v, partial = backward_kernels(grad_out, q, k, v, rpb, out, lse, *ctx.args)
+    grad_rpb = None if rpb is None else _rpb_gradient(partial, rpb, kernel, dilation)
+    return grad_q, grad_k, grad_v, grad_rpb, None, None, None
 
 
 na2d_triton.register_autograd(

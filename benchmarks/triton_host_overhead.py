@@ -1,16 +1,17 @@
 """The host-side cost of one ``na2d`` forward+backward on the Triton backend, without a GPU.
 
-On CUDA a DiNAT-Mini training step at batch 128 is bound by the CPU issuing kernels about as much as
-by the GPU running them (BENCHMARKS.md, "GPU"), so every microsecond of Python and dispatch around
-the kernels counts. This runs the Triton backend's host code (checks, custom ops, autograd,
+On CUDA, at DiNAT-Mini's smaller levels, the op's forward+backward took the host about twice its
+kernels' time (BENCHMARKS.md, "GPU"), so every microsecond of Python and dispatch around the kernels
+counts. This runs the Triton backend's host code (checks, custom ops, autograd,
 allocations, the rpb gradient's reduction) on tiny CPU tensors in Triton's interpreter mode with
 every kernel launch replaced by a no-op, and reports microseconds per forward+backward: the part of
 the cost that is ours, measurable on any machine.
 
-Then it counts the PyTorch ops (views aside: each of the rest launches a kernel or more on a GPU)
-that one training step's forward and backward dispatch, for dinat_mini (attention on this backend)
-and for timm's Swin-T, at batch 2 and 224 px under the CPU's bfloat16 autocast: the bench's training
+Then, for dinat_mini (attention on this backend) and timm's Swin-T, it counts the PyTorch ops that
+one training step's forward and backward dispatch (views aside: each of the rest launches a kernel
+or more on a GPU), at batch 2 and 224 px under the CPU's bfloat16 autocast: the bench's training
 step without its optimizer. A step bound by the CPU's launches costs about in proportion to them.
+With them: each model's blocks and activations per image.
 
     TRITON_INTERPRET=1 python benchmarks/triton_host_overhead.py
 """
@@ -59,11 +60,16 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def training_step_ops(name: str) -> tuple[Counter[str], int]:
-    """The ops of one forward+backward of model ``name`` (batch 2, 224 px, bfloat16 autocast), and
-    the model's number of transformer blocks."""
+def training_step_ops(name: str) -> tuple[Counter[str], int, int]:
+    """The ops of one forward+backward of model ``name`` (batch 2, 224 px, bfloat16 autocast), the
+    model's number of transformer blocks, and its activations per image (the elements its
+    convolutions, linear layers, layer norms and GELUs output)."""
     torch.manual_seed(0)
     model = _build(name).train()
+    activations = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LayerNorm, torch.nn.GELU)):
+            module.register_forward_hook(lambda _module, _args, out: activations.append(out.numel() // 2))
     images, targets = torch.randn(2, 3, 224, 224), torch.zeros(2, dtype=torch.long)
 
     def step() -> None:
@@ -73,10 +79,11 @@ def training_step_ops(name: str) -> tuple[Counter[str], int]:
         model.zero_grad(set_to_none=True)
 
     step()  # autocast's and the backend's first-call work
+    activations.clear()
     with _OpCounter() as counter:
         step()
     blocks = sum(type(m).__name__ in ("NATBlock", "SwinTransformerBlock") for m in model.modules())
-    return counter.counts, blocks
+    return counter.counts, blocks, sum(activations)
 
 
 def main(repeats: int = 2000) -> None:
@@ -102,9 +109,10 @@ def main(repeats: int = 2000) -> None:
     for name, values in times.items():
         print(f"{name}: {statistics.median(values) * 1e6:.0f} us (median of {repeats})")
     for name in ("dinat_mini", "swin_tiny_patch4_window7_224"):
-        counts, blocks = training_step_ops(name)
+        counts, blocks, activations = training_step_ops(name)
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
-        print(f"{name}: {sum(counts.values())} ops per training step's forward+backward, {blocks} blocks ({top}, ...)")
+        print(f"{name}: {blocks} blocks, {activations / 1e6:.1f}M activations per image, "
+              f"{sum(counts.values())} ops per training step's forward+backward ({top}, ...)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ HALF_DTYPES = [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch
 
 @needs_interpreter_run
 def test_in_triton_interpreter() -> None:
-    run_interpreted(__file__, deselect="compile_for_gpus or shared_memory")
+    run_interpreted(__file__, deselect="compile_for_gpus or shared_memory or cuda_graph")
 
 
 @pytest.mark.skipif(
@@ -400,6 +400,31 @@ def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
     assert cache_calls == [(0, 1), (0, 1)], cache_calls
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_trees_match_eager() -> None:
+    """torch.compile(mode="reduce-overhead") of a training step's attention: its warm-up call (run
+    in the CUDA graphs' memory pool), its recording and its replays give eager's output and
+    gradients. Compiled first, on an empty cache: nothing the op keeps may come from that pool."""
+    shape, kernel, dilation = (2, 20, 24, 2, 32), (7, 7), (2, 1)
+
+    def attend(qkv, rpb):
+        with use_backend("triton"):
+            return na2d(*qkv.unbind(3), kernel, dilation, rpb)
+
+    torch._dynamo.reset()
+    triton_na._cached_bias_rows.cache_clear()
+    compiled = torch.compile(attend, mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):  # warm-up, recording, replays
+        qkv, rpb = (t.to(DEVICE).requires_grad_() for t in _inputs(shape, kernel, True, torch.float32, seed))
+        results = []
+        for fn in (compiled, attend):
+            out = fn(qkv, rpb)
+            grads = torch.autograd.grad(out.square().sum(), (qkv, rpb))
+            results.append([t.clone() for t in (out, *grads)])  # a replay overwrites the graph's outputs
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unavailable_is_a_clear_error() -> None:

@@ -11,7 +11,8 @@ DiNAT-Mini are whole windows, batched attention), at batch 128, head dim 32, bfl
 
 Then the kernels of one training step of dinat_mini and of Swin-T (torch.profiler), by CUDA time,
 and each step's wall time (5 steps back to back, and each step synchronized on its own) against its
-GPU time (a step whose wall time is well over its GPU time is bound by the CPU launching kernels).
+GPU time (a step whose wall time is well over its GPU time is bound by the CPU launching kernels);
+and both models' steps timed side by side as ``dinat bench`` times them.
 
     python benchmarks/cuda_kernels.py --output DIR    # on a GPU machine; writes DIR/kernels.json
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dinat.bench import _build, training_step, window_attention
+from dinat.bench import _build, interleaved_medians, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
 from dinat.ops import na2d, triton_na
 
@@ -170,6 +171,21 @@ def model_profile(name: str, batch: int, dtype: torch.dtype) -> dict:
             "issue_ms": launched * 1e3, "kernels": kernels}  # fmt: skip
 
 
+def side_by_side(names: tuple[str, ...], batch: int, dtype: torch.dtype) -> dict:
+    """ms per training step of each model, all resident and timed as `dinat bench` times them
+    (bench.interleaved_medians: round-robin samples of pipelined steps): beside model_profile's
+    figures, this tells the bench's way of timing from what ran before it in the bench's process."""
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, 224, 224, device="cuda")
+    targets = torch.zeros(batch, dtype=torch.long, device="cuda")
+    autocast = dict(device_type="cuda", dtype=dtype)
+    steps = {name: training_step(_build(name).cuda().train(), images, targets, autocast) for name in names}
+    medians = interleaved_medians(steps, 4, torch.device("cuda"))
+    figures = ", ".join(f"{name} {seconds * 1e3:.1f} ms/step" for name, seconds in medians.items())
+    print(f"side by side, as `dinat bench` times them: {figures}", flush=True)
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True)
@@ -187,9 +203,12 @@ def main() -> None:
     models = () if args.skip_models else ("dinat_mini", "swin_tiny_patch4_window7_224")
     args.output.mkdir(parents=True, exist_ok=True)
     results["models"] = [_recorded(model_profile, name, args.batch, dtype) for name in models]
+    if models:
+        results["side_by_side_ms"] = _recorded(side_by_side, models, args.batch, dtype)
     results["levels"] = [_recorded(op_level, size, heads, args.batch, dtype) for size, heads in LEVELS]
     write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
-    failed = [r for r in results["models"] + results["levels"] if "error" in r]
+    measured = results["models"] + results["levels"] + [results.get("side_by_side_ms", {})]
+    failed = [r for r in measured if "error" in r]
     if failed:
         raise SystemExit(f"{len(failed)} of the measurements failed (see kernels.json)")
 

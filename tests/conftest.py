@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -28,8 +29,9 @@ def _inductor_cache_dir() -> str:
     prefix = Path(tempfile.gettempdir()) / f"dinat_inductor_{os.getuid()}_"
     ours = Path(f"{prefix}{_source_digest()}")
     for other in prefix.parent.glob(prefix.name + "*"):
-        if other != ours and time.time() - other.stat().st_mtime > 86400:
-            shutil.rmtree(other, ignore_errors=True)
+        with contextlib.suppress(OSError):  # (another run may be removing it)
+            if other != ours and time.time() - other.stat().st_mtime > 86400:
+                shutil.rmtree(other, ignore_errors=True)
     return str(ours)
 
 

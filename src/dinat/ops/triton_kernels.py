@@ -172,39 +172,20 @@ def na2d_forward_kernel(
 
 
 @triton.jit
-def na2d_delta_kernel(
-    DO, OUT, DELTA,
-    do_sb, do_sh, do_sw, do_sn,
-    o_sb, o_sh, o_sw, o_sn,
-    heads, height, width, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """DELTA[token, head] = DO . OUT over D, in float32 (the softmax gradient's row sums), for BLOCK_M
-    columns of one row: one read of each operand, no float32 copies."""
-    pid_bn, row = tl.program_id(0), tl.program_id(1)
-    b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    mask = (cols < width)[:, None] & (d < head_dim)[None, :]
-    do = tl.load(_tokens(DO, b, row, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=mask, other=0.0)
-    out = tl.load(_tokens(OUT, b, row, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-    tl.store(DELTA + ((b * height + row) * width + cols) * heads + n, delta, mask=cols < width)
-
-
-@triton.jit
 def na2d_backward_query_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB,
+    Q, K, V, RPB, DO, OUT, LSE, DELTA, DQ, DRPB,
     q_sb, q_sh, q_sw, q_sn,
     k_sb, k_sh, k_sw, k_sn,
     v_sb, v_sh, v_sw, v_sn,
     do_sb, do_sh, do_sw, do_sn,
+    o_sb, o_sh, o_sw, o_sn,
     r_sn, r_sh, drpb_slots,
     heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
     KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, BIAS_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dq (contiguous like q) and, with rpb, this program's partial rpb gradient.
+    """dq (contiguous like q) and, with rpb, this program's partial rpb gradient; first DELTA, its
+    queries' DO . OUT in float32 (the softmax gradient's row sums), which the key kernel reads after.
 
     DRPB is (B*heads, H, drpb_slots, KH, 2*KW-1), zeros: program (b, n, row, column program c) writes
     slot c (drpb_slots is the column program count of the smallest tile, so any tile fits); the rows
@@ -231,9 +212,11 @@ def na2d_backward_query_kernel(
     q_mask = valid[:, None] & d_ok[None, :]
     q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
     do = tl.load(_tokens(DO, b, row, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
+    out = tl.load(_tokens(OUT, b, row, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=q_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
     token = ((b * height + row) * width + cols) * heads + n
+    tl.store(DELTA + token, delta, mask=valid)
     lse = tl.load(LSE + token, mask=valid, other=0.0)
-    delta = tl.load(DELTA + token, mask=valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_mask = key_valid[:, None] & d_ok[None, :]
     program = (pid_bn.to(tl.int64) * height + row) * drpb_slots + pid_col

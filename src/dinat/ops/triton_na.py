@@ -66,7 +66,7 @@ TILES: tuple[TileConfig, ...] = (
     TileConfig(16, 2, 2),
     TileConfig(16, 1, 2),
 )
-_BLOCK, _WARPS = TILES[0].tile, TILES[0].warps  # the small kernels' fixed configuration (delta, primitives)
+_BLOCK, _WARPS = TILES[0].tile, TILES[0].warps  # the primitives' fixed configuration
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
 
 
@@ -141,7 +141,7 @@ def _fp32_precision() -> str:
 
 def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool = False) -> dict:
     """Compile-time parameters of kernel ``name`` but the fused kernels' tiles: the fused op's
-    'forward', 'delta', 'query' (dq, rpb) and 'key' (dk, dv), and the primitives 'dot',
+    'forward', 'query' (delta, dq, rpb) and 'key' (dk, dv), and the primitives 'dot',
     'weighted_sum' and 'scatter'. The dict is shared (cached): do not modify it."""
     precision = _fp32_precision() if dtype == torch.float32 else "tf32"
     return _cached_constexprs(name, dtype, tuple(kernel), head_dim, has_rpb, precision)
@@ -150,8 +150,6 @@ def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_
 @functools.cache
 def _cached_constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, precision: str):
     kh, kw = kernel
-    if name == "delta":
-        return dict(BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     if name in ("dot", "weighted_sum"):  # (queries, kw, D) tiles, no matrix product
         return dict(KH=kh, KW=kw, KW_PAD=_next_power_of_2(kw), BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     params = dict(
@@ -275,7 +273,6 @@ def compile_for_cuda(
         ("dot", triton_kernels.na_dot_kernel),
         ("weighted_sum", triton_kernels.na_weighted_sum_kernel),
         ("scatter", triton_kernels.na_scatter_kernel),
-        ("delta", triton_kernels.na2d_delta_kernel),
     ):
         constexprs = dict(_constexprs(name, dtype, kernel, head_dim, has_rpb))
         options = {"num_warps": _WARPS}
@@ -412,32 +409,27 @@ def _backward_kernels(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of q, k, v (contiguous), and the rpb gradient's partial sums (empty without rpb:
     see _rpb_gradient)."""
-    from . import triton_kernels
-
-    grad_out, q, k, v = (_unit_stride(t) for t in (grad_out, q, k, v))
+    grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
     rpb = None if rpb is None else rpb.contiguous()
     batch, height, width, heads, dim = q.shape
     grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
     shape_args = (heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e), scale)
-    strides = (*_strides(q, k, v, grad_out), bias_sn, bias_sh)
+    strides = _strides(q, k, v, grad_out)
 
     # every slot of the partial sums is written when the autotuner has one tile size, else some stay zero
     tiles, slots = _tiles_and_slots(q, dilation)
     allocate = torch.empty if len(tiles) == 1 else torch.zeros
     partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
-    delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
+    delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)  # the query kernel's
     with _device_of(q):
-        triton_kernels.na2d_delta_kernel[(batch * heads, height, -(-width // _BLOCK))](
-            grad_out, out, delta, *_strides(grad_out, out), heads, height, width, dim,
-            **_constexprs("delta", q.dtype, kernel, dim), num_warps=_WARPS,
-        )  # fmt: skip
         _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_M")](
-            q, k, v, bias, grad_out, lse, delta, grad_q, partial, *strides, slots, *shape_args,
+            q, k, v, bias, grad_out, out, lse, delta, grad_q, partial, *strides, *_strides(out), bias_sn, bias_sh,
+            slots, *shape_args,
             **_constexprs("query", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
         _fused_kernel("key", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_N")](
-            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, *shape_args,
+            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, bias_sn, bias_sh, *shape_args,
             **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
     return grad_q, grad_k, grad_v, partial

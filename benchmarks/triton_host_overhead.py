@@ -8,10 +8,10 @@ every kernel launch replaced by a no-op, and reports microseconds per forward+ba
 the cost that is ours, measurable on any machine.
 
 Then, for dinat_mini (attention on this backend) and timm's Swin-T, it counts the PyTorch ops that
-one training step's forward and backward dispatch (views aside: each of the rest launches a kernel
-or more on a GPU), at batch 2 and 224 px under the CPU's bfloat16 autocast: the bench's training
-step without its optimizer. A step bound by the CPU's launches costs about in proportion to them.
-With them: each model's blocks and activations per image.
+one training step's forward and backward dispatch, and the Triton kernels they launch (views aside:
+each of the rest launches a kernel or more on a GPU), at batch 2 and 224 px under the CPU's bfloat16
+autocast: the bench's training step without its optimizer. A step bound by the CPU's launches costs
+about in proportion to them. With them: each model's blocks and activations per image.
 
     TRITON_INTERPRET=1 python benchmarks/triton_host_overhead.py
 """
@@ -40,10 +40,15 @@ _NO_LAUNCH = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "e
 
 
 class _NoLaunch:
-    """Stands for a kernel: indexing by a grid gives a launcher that does nothing."""
+    """Stands for a kernel: indexing by a grid gives a launcher that only counts its calls."""
+
+    launches = 0
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        def launch(*args, **kwargs) -> None:
+            _NoLaunch.launches += 1
+
+        return launch
 
 
 class _OpCounter(TorchDispatchMode):
@@ -62,8 +67,8 @@ class _OpCounter(TorchDispatchMode):
 
 def training_step_ops(name: str) -> tuple[Counter[str], int, int]:
     """The ops of one forward+backward of model ``name`` (batch 2, 224 px, bfloat16 autocast), the
-    model's number of transformer blocks, and its activations per image (the elements its
-    convolutions, linear layers, layer norms and GELUs output)."""
+    Triton kernels among them, the model's number of transformer blocks, and its activations per
+    image (the elements its convolutions, linear layers, layer norms and GELUs output)."""
     torch.manual_seed(0)
     model = _build(name).train()
     activations = []
@@ -80,8 +85,10 @@ def training_step_ops(name: str) -> tuple[Counter[str], int, int]:
 
     step()  # autocast's and the backend's first-call work
     activations.clear()
+    launches = _NoLaunch.launches
     with _OpCounter() as counter:
         step()
+    counter.counts["triton kernels"] = _NoLaunch.launches - launches
     blocks = sum(type(m).__name__ in ("NATBlock", "SwinTransformerBlock") for m in model.modules())
     return counter.counts, blocks, sum(activations)
 

@@ -1,42 +1,12 @@
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
-
-
-def _source_digest() -> str:
-    """A digest of the package's Python sources."""
-    digest = hashlib.sha256()
-    for path in sorted((Path(__file__).parent.parent / "src" / "dinat").rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _inductor_cache_dir() -> str:
-    """torch.compile's on-disk cache for this version of the sources. Its caches key a graph by its
-    ops' names, not by what a custom op's fake implementation returns (pytorch#160472), so a compile
-    by another version could be reused and fail. Other versions' caches unused for a day go."""
-    prefix = Path(tempfile.gettempdir()) / f"dinat_inductor_{os.getuid()}_"
-    ours = Path(f"{prefix}{_source_digest()}")
-    for other in prefix.parent.glob(prefix.name + "*"):
-        with contextlib.suppress(OSError):  # (another run may be removing it)
-            if other != ours and time.time() - other.stat().st_mtime > 86400:
-                shutil.rmtree(other, ignore_errors=True)
-    return str(ours)
-
-
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # (set once: the pytest workers inherit it)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache_dir()
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # the workers already fill the cores; oversubscribed thread teams crawl

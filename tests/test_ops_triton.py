@@ -361,11 +361,11 @@ def test_custom_ops_pass_opcheck(dtype, with_rpb) -> None:
     qkv, rpb = _inputs(tuple(shape), kernel, with_rpb, dtype=torch.float32)
     q, k, v = qkv.to(DEVICE, dtype).requires_grad_().unbind(3)
     bias = None if rpb is None else rpb.to(DEVICE).requires_grad_()
-    torch.library.opcheck(torch.ops.dinat.na2d_triton, (q, k, v, bias, kernel, dilation, 0.3))
-    out, lse = torch.ops.dinat.na2d_triton(q, k, v, bias, kernel, dilation, 0.3)
+    torch.library.opcheck(triton_na.na2d_triton, (q, k, v, bias, kernel, dilation, 0.3))
+    out, lse = triton_na.na2d_triton(q, k, v, bias, kernel, dilation, 0.3)
     q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
     backward_args = (torch.randn_like(out), q, k, v, None if bias is None else bias.detach(), out, lse)
-    torch.library.opcheck(torch.ops.dinat.na2d_triton_backward, (*backward_args, kernel, dilation, 0.3))
+    torch.library.opcheck(triton_na.na2d_triton_backward, (*backward_args, kernel, dilation, 0.3))
 
 
 @needs_kernels
@@ -396,7 +396,7 @@ def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
         cache_calls.append(triton_na._cached_bias_rows.cache_info()[:2])  # (hits, misses)
         if fn is attend:
             assert type(out.grad_fn).__name__ == "_EagerNA2dBackward"
-    assert "dinat.na2d_triton.default" in traced
+    assert f"dinat.na2d_triton_v{triton_na._OPS_VERSION}.default" in traced
     assert cache_calls == [(0, 1), (0, 1)], cache_calls
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)

@@ -344,7 +344,12 @@ def _forward_kernels(
     return out, lse
 
 
-na2d_triton = torch.library.custom_op("dinat::na2d_triton", _forward_kernels, mutates_args=())
+# The ops' names carry the version of their contract (outputs, and what the backward returns):
+# torch.compile's on-disk caches know an op by its name alone, not by its fake or its autograd
+# (pytorch#160472), so a graph compiled against another contract would be reused and fail. Bump it
+# with any such change.
+_OPS_VERSION = 2
+na2d_triton = torch.library.custom_op(f"dinat::na2d_triton_v{_OPS_VERSION}", _forward_kernels, mutates_args=())
 
 
 @na2d_triton.register_fake
@@ -435,7 +440,9 @@ def _backward_kernels(
     return grad_q, grad_k, grad_v, partial
 
 
-na2d_triton_backward = torch.library.custom_op("dinat::na2d_triton_backward", _backward_kernels, mutates_args=())
+na2d_triton_backward = torch.library.custom_op(
+    f"dinat::na2d_triton_backward_v{_OPS_VERSION}", _backward_kernels, mutates_args=()
+)
 
 
 @na2d_triton_backward.register_fake

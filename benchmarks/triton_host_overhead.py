@@ -71,11 +71,11 @@ def training_step_ops(name: str) -> tuple[Counter[str], int, int]:
     image (the elements its convolutions, linear layers, layer norms and GELUs output)."""
     torch.manual_seed(0)
     model = _build(name).train()
+    images, targets = torch.randn(2, 3, 224, 224), torch.zeros(2, dtype=torch.long)
     activations = []
     for module in model.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LayerNorm, torch.nn.GELU)):
-            module.register_forward_hook(lambda _module, _args, out: activations.append(out.numel() // 2))
-    images, targets = torch.randn(2, 3, 224, 224), torch.zeros(2, dtype=torch.long)
+            module.register_forward_hook(lambda _module, _args, out: activations.append(out.numel() // len(images)))
 
     def step() -> None:
         with use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -118,8 +118,8 @@ def main(repeats: int = 2000) -> None:
     for name in ("dinat_mini", "swin_tiny_patch4_window7_224"):
         counts, blocks, activations = training_step_ops(name)
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
-        print(f"{name}: {blocks} blocks, {activations / 1e6:.1f}M activations per image, "
-              f"{sum(counts.values())} ops per training step's forward+backward ({top}, ...)")  # fmt: skip
+        print(f"{name}: {blocks} blocks, {activations / 1e6:.1f}M activations per image, {sum(counts.values())} "
+              f"ops and Triton kernels per training step's forward+backward ({top}, ...)")  # fmt: skip
 
 
 if __name__ == "__main__":

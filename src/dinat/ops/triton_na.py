@@ -480,8 +480,8 @@ na2d_triton.register_autograd(
 class _EagerNA2d(torch.autograd.Function):
     """The fused op outside torch.compile: the custom ops' functions, without the custom ops'
     dispatch (schema defaults, alias checks, redispatch through autograd: about a third of the
-    host time of a forward+backward, benchmarks/triton_host_overhead.py). Training on a GPU at
-    DiNAT-Mini's sizes is bound by that host time about as much as by the kernels."""
+    host time of a forward+backward, benchmarks/triton_host_overhead.py). At DiNAT-Mini's smaller
+    levels a forward+backward on an H100 took the host about twice its kernels' time."""
 
     @staticmethod
     def forward(ctx, q, k, v, rpb, kernel, dilation, scale):

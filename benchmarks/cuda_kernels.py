@@ -6,7 +6,7 @@ DiNAT-Mini are whole windows, batched attention), at batch 128, head dim 32, bfl
 
 * the op's forward and forward+backward against Swin-style window attention (``bench.window_attention``);
 * the forward op, then the backward op, with each fused kernel forced to each configuration of
-  CONFIGS (tile, warps, stages) while the others keep the autotuner's first;
+  CONFIGS (tile, warps, stages, rows) while the others keep the autotuner's first;
 * the CUDA time of each kernel of one backward (torch.profiler).
 
 Then the kernels of one training step of dinat_mini and of Swin-T (torch.profiler), by CUDA time,
@@ -34,14 +34,22 @@ from dinat.checkpoints import write_text_atomic
 from dinat.ops import na2d, triton_na
 
 LEVELS = ((56, 2), (28, 4), (14, 8))
-# the autotuner's candidates, and a few beyond them
+# the autotuner's candidates, and some beyond them: capped registers (more programs per SM, some
+# spilling), 4 warps at 2 rows, 3 stages at 4 rows (tile 32, 8 warps, 1 or 4 stages were slower on an
+# H100: BENCHMARKS.md)
 CONFIGS = triton_na.TILES + (
-    triton_na.TileConfig(16, 4, 2),
-    triton_na.TileConfig(16, 8, 3),
-    triton_na.TileConfig(16, 4, 1),
-    triton_na.TileConfig(16, 4, 4),
-    triton_na.TileConfig(32, 4, 3),
+    triton_na.TileConfig(16, 2, 2, max_registers=128),
+    triton_na.TileConfig(16, 2, 2, rows=2, max_registers=128),
+    triton_na.TileConfig(16, 4, 2, rows=4, max_registers=128),
+    triton_na.TileConfig(16, 4, 2, rows=2),
+    triton_na.TileConfig(16, 4, 3, rows=4),
 )
+
+
+def _label(config: dict) -> str:
+    """tile/rows/warps/stages, and /rN for a register cap of N."""
+    cap = f"/r{config['max_registers']}" if config["max_registers"] else ""
+    return f"{config['tile']}/{config['rows']}/{config['warps']}/{config['stages']}{cap}"
 
 
 def bench_ms(fn, grad_to_none=None) -> float:
@@ -126,7 +134,9 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
         timed = [c for c in configs if c["kernel"] == name and "ms" in c]
         best = min(timed, key=lambda c: c["ms"])
         row[f"best_{name}"] = best
-        print(f"  {row['shape']}: best {name} tile {best['tile']} warps {best['warps']} stages {best['stages']}"
+        each = ", ".join(f"{_label(c)} {c['ms']:.3f}" for c in timed)
+        print(f"  {row['shape']}: {name} (tile/rows/warps/stages ms): {each}", flush=True)
+        print(f"  {row['shape']}: best {name} {_label(best)}"
               f" -> {'forward' if name == 'forward' else 'backward'} {best['ms']:.3f} ms", flush=True)  # fmt: skip
     print(
         f"  {row['shape']}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_ms'] / row['window_fwd_ms']:.2f}x window), "

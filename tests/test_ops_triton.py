@@ -207,11 +207,13 @@ def tile_configs(monkeypatch):
 
 
 # on CUDA every configuration (warps and stages change the compiled code); the interpreter ignores
-# both, so there one per tile size
-FIRST_OF_EACH_TILE = tuple({c.tile: c for c in reversed(triton_na.TILES)}.values())
+# both, so there one per tile size and row count
+FIRST_OF_EACH_TILE = tuple({(c.tile, c.rows): c for c in reversed(triton_na.TILES)}.values())
 CONFIGS_TO_RUN = triton_na.TILES if DEVICE.type == "cuda" else FIRST_OF_EACH_TILE
-# rows spanning several programs of every tile (70 places), and dilation groups of 15 places
-TILED_SHAPES = [((1, 5, 70, 1, 16), (3, 7), (1, 1)), ((1, 6, 45, 2, 8), (3, 5), (2, 3))]
+# rows spanning several programs of every tile (70 places) and a last program of 1 row (5 rows);
+# dilation groups of 15 places, and row groups of 5 and 4 places (at 2 and 4 rows per program,
+# some programs past the shorter group's end)
+TILED_SHAPES = [((1, 5, 70, 1, 16), (3, 7), (1, 1)), ((1, 9, 45, 2, 8), (3, 5), (2, 3))]
 
 
 # tile 32 is no candidate (slower on an H100), but the kernels and the rpb gradient's slots take any
@@ -242,7 +244,7 @@ def test_every_tile_matches_reference(tile_configs, configs, shape, kernel, dila
     if len(configs) > 1:  # the autotuner's picks for this shape are reported (what dinat bench prints)
         picks = {p["kernel"]: p for p in triton_na.autotuned() if (p["height"], p["width"]) == shape[1:3]}
         assert sorted(picks) == ["forward", "key", "query"]
-        picked = [triton_na.TileConfig(p["tile"], p["num_warps"], p["num_stages"]) for p in picks.values()]
+        picked = [triton_na.TileConfig(p["tile"], p["num_warps"], p["num_stages"], p["rows"]) for p in picks.values()]
         assert all(c in configs for c in picked)
         assert all(p["dtype"] == p["arg_dtypes"] == "torch.float32" for p in picks.values())
 

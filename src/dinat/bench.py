@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n" + _table(results["model"], cols))
     if results.get("triton_autotuned"):
         cols = ["kernel", "height", "width", "KH", "KW", "dil_h", "dil_w", "heads", "arg_dtypes"]
-        cols += ["tile", "num_warps", "num_stages"]
+        cols += ["tile", "rows", "num_warps", "num_stages"]
         print("\nTriton's autotuner picked:\n" + _table(results["triton_autotuned"], cols))
     print(f"\nresults: {path}")
     return results

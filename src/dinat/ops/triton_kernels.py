@@ -8,17 +8,20 @@ Layout: q, k, v, out are tokens-first (B, H, W, heads, D) with unit stride over 
 
 Tiling. Along one axis a dilation group is every ``dilation``-th position; its positions are
 "places" 0..n-1 and a query at place p attends places start(p) .. start(p)+k-1 (start clamped at the
-borders, :func:`_window_start`). A program owns one image row and BLOCK_M consecutive places of one
-column group. All its queries share the same kh key rows, and the key places they need along the row
-lie within BLOCK_N >= BLOCK_M + kw - 1 consecutive places. So the forward is kh steps of online
-softmax over a (BLOCK_M x BLOCK_N) tile, masked to each query's kw keys: dilation costs nothing (it is
-a stride), and the tile does BLOCK_N / kw times the minimal work instead of the flattened sequence's
-whole rows of keys.
+borders, :func:`_window_start`). A query program owns BLOCK_M consecutive places of one column group
+in ROWS consecutive places of one row group. Along a row, its queries' keys lie within
+BLOCK_N >= BLOCK_M + kw - 1 consecutive places; across rows, its queries attend ROWS + kh - 1 key
+rows at most (each row place's window starts 0 or 1 place after the previous one's). So the forward
+is one step of online softmax per key row over a (ROWS * BLOCK_M x BLOCK_N) tile, masked to each
+query's kw keys in the rows of its window: dilation costs nothing (it is a stride), and the tile
+does (ROWS + kh - 1) / (ROWS * kh) * BLOCK_N / kw times the minimal work instead of the flattened
+sequence's whole rows of keys. ROWS > 1 loads each key row once for several query rows (each key
+row is needed by kh query rows), for (ROWS + kh - 1) / kh times the products of ROWS = 1.
 
-The key-side backward mirrors it: a program owns BLOCK_N key places of one row and visits every query
-row that attends that key row (kh of them inside the image, up to 3*kh/2 at the borders), with query
-tiles covering the queries whose windows reach its keys (one, for DiNAT's kernel sizes), in one
-loop over (query row, query tile) that Triton pipelines.
+The key-side backward mirrors it: a program owns BLOCK_N key places of one column group in ROWS row
+places, and visits every query row that attends one of its key rows (ROWS + kh - 1 of them inside
+the image, more at the borders), with query tiles covering the queries whose windows reach its keys
+(one, for DiNAT's kernel sizes), in one loop over (query row, query tile) that Triton pipelines.
 
 The unfused ops' three primitives (dot, weighted sum, scatter) at the end reuse the same tiles.
 """
@@ -43,17 +46,23 @@ def _group_len(extent, group, dilation):
 
 
 @triton.jit
-def _tokens(base, b, row, n, cols, d, s_b, s_h, s_w, s_n):
-    """Pointers to the features d of tokens (b, row, cols, head n) of a (B, H, W, heads, D) tensor
-    (64-bit row and head offsets: one image's tokens may span over 2**31 elements; within a row,
-    32 bits)."""
-    return base + b * s_b + row.to(tl.int64) * s_h + n.to(tl.int64) * s_n + cols[:, None] * s_w + d[None, :]
+def _tokens(base, b, rows, n, cols, d, s_b, s_h, s_w, s_n):
+    """Pointers to the features d of tokens (b, rows[i], cols[i], head n) of a (B, H, W, heads, D)
+    tensor (64-bit row and head offsets: one image's tokens may span over 2**31 elements; within a
+    row, 32 bits)."""
+    return base + b * s_b + n.to(tl.int64) * s_n + rows[:, None].to(tl.int64) * s_h + cols[:, None] * s_w + d[None, :]
 
 
 @triton.jit
-def _query_tile(pid_col, width, dil_w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KW: tl.constexpr):
-    """A query program's BLOCK_M query places (of one column group) and the BLOCK_N key places
-    they need along a row.
+def _same_row(row, cols):
+    """``row`` for each of ``cols`` (tokens of one row, for :func:`_tokens`)."""
+    return tl.zeros_like(cols) + row
+
+
+@triton.jit
+def _query_tile(pid_col, width, dil_w, c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KW: tl.constexpr):
+    """Places ``c`` (of 0..BLOCK_M-1) of a query program's BLOCK_M places of one column group, and
+    the BLOCK_N key places they need along a row.
 
     Returns (query columns, query places, query valid, window start of each query, first key place,
     key places, key columns, key valid, in_window: (queries x keys) mask of each query's kw keys).
@@ -61,7 +70,7 @@ def _query_tile(pid_col, width, dil_w, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     group = pid_col % dil_w
     n = _group_len(width, group, dil_w)
     first = (pid_col // dil_w) * BLOCK_M
-    place = first + tl.arange(0, BLOCK_M)
+    place = first + c
     valid = place < n
     start = _window_start(place, n, KW)
     key_first = _window_start(first, n, KW)
@@ -73,10 +82,26 @@ def _query_tile(pid_col, width, dil_w, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _row_window(row, height, dil_h, KH: tl.constexpr):
-    """(row group, place of ``row`` in it, first place of its window of kh key rows)."""
-    row_group, row_place = row % dil_h, row // dil_h
-    return row_group, row_place, _window_start(row_place, _group_len(height, row_group, dil_h), KH)
+def _program_rows(pid_row, height, dil_h, t, ROWS: tl.constexpr, KH: tl.constexpr):
+    """Rows ``t`` (of 0..ROWS-1) of a program's ROWS consecutive places of one row group: (row, row
+    place, valid, first place of its window of kh key rows)."""
+    group = pid_row % dil_h
+    group_len = _group_len(height, group, dil_h)
+    place = (pid_row // dil_h) * ROWS + t
+    return group + dil_h * place, place, place < group_len, _window_start(place, group_len, KH)
+
+
+@triton.jit
+def _attended_rows(pid_row, height, dil_h, ROWS: tl.constexpr, KH: tl.constexpr):
+    """The key rows a query program's rows attend: (row group, first key row place, how many). The
+    windows of consecutive places start 0 or 1 place apart, so ROWS + KH - 1 rows at most; none for
+    a program past its group's end."""
+    group = pid_row % dil_h
+    group_len = _group_len(height, group, dil_h)
+    first = (pid_row // dil_h) * ROWS
+    last = tl.minimum(first + ROWS, group_len) - 1
+    start = _window_start(first, group_len, KH)
+    return group, start, tl.where(first < group_len, _window_start(last, group_len, KH) + KH - start, 0)
 
 
 @triton.jit
@@ -89,28 +114,32 @@ def _reaching_queries(first, last, group_len, KERNEL: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(pid_col, key_row, height, width, dil_h, dil_w, BLOCK_N: tl.constexpr, KH: tl.constexpr,
-              KW: tl.constexpr):  # fmt: skip
-    """A key program's BLOCK_N key places (of one column group) in ``key_row``, and the query rows
-    and column places that reach them: BLOCK_N + KW - 1 places inside the group, up to
+def _reaching_rows(pid_row, height, dil_h, ROWS: tl.constexpr, KH: tl.constexpr):
+    """The query rows whose windows reach a key program's ROWS row places: (row group, group length,
+    first and last query row place; last < first for a program past its group's end)."""
+    group = pid_row % dil_h
+    group_len = _group_len(height, group, dil_h)
+    first = (pid_row // dil_h) * ROWS
+    lo, hi = _reaching_queries(first, tl.minimum(first + ROWS, group_len) - 1, group_len, KH)
+    return group, group_len, lo, tl.where(first < group_len, hi, lo - 1)
+
+
+@triton.jit
+def _key_columns(pid_col, width, dil_w, c, BLOCK_N: tl.constexpr, KW: tl.constexpr):
+    """Places ``c`` (of 0..BLOCK_N-1) of a key program's BLOCK_N places of one column group, and
+    the query places that reach them: BLOCK_N + KW - 1 places inside the group, up to
     BLOCK_N + KW - 1 + KW // 2 at a border when BLOCK_N >= KW (a clamped window reaches further),
     so one tile of BLOCK_M = next_pow2(BLOCK_N + KW - 1) places covers them for kernels up to 11
     wide at BLOCK_N 16, and two tiles otherwise.
 
-    Returns (column group, group length, key places, key valid, query place range lo/hi along the
-    row, row group, key row place, row group length, query row place range lo/hi).
+    Returns (column group, group length, key places, key valid, query place range lo/hi).
     """
     group = pid_col % dil_w
     group_len = _group_len(width, group, dil_w)
     key_first = (pid_col // dil_w) * BLOCK_N
-    key_place = key_first + tl.arange(0, BLOCK_N)
-    key_last = tl.minimum(key_first + BLOCK_N, group_len) - 1
-    query_lo, query_hi = _reaching_queries(key_first, key_last, group_len, KW)
-    row_group, key_row_place = key_row % dil_h, key_row // dil_h
-    rows_len = _group_len(height, row_group, dil_h)
-    row_lo, row_hi = _reaching_queries(key_row_place, key_row_place, rows_len, KH)
-    return (group, group_len, key_place, key_place < group_len, query_lo, query_hi,
-            row_group, key_row_place, rows_len, row_lo, row_hi)  # fmt: skip
+    key_place = key_first + c
+    query_lo, query_hi = _reaching_queries(key_first, tl.minimum(key_first + BLOCK_N, group_len) - 1, group_len, KW)
+    return group, group_len, key_place, key_place < group_len, query_lo, query_hi
 
 
 @triton.jit
@@ -131,43 +160,50 @@ def na2d_forward_kernel(
     o_sb, o_sh, o_sw, o_sn,
     r_sn, r_sh,
     heads, height, width, head_dim, dil_h, dil_w, scale_log2,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bn, row = tl.program_id(0), tl.program_id(1)
+    pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    cols, place, valid, _, _, key_place, key_cols, key_valid, in_window = _query_tile(
-        tl.program_id(2), width, dil_w, BLOCK_M, BLOCK_N, KW
+    tok = tl.arange(0, ROWS * BLOCK_M)  # the program's queries, row by row
+    cols, place, col_valid, _, _, key_place, key_cols, key_valid, in_cols = _query_tile(
+        pid_col, width, dil_w, tok % BLOCK_M, BLOCK_M, BLOCK_N, KW
     )
+    rows, row_place, row_valid, row_start = _program_rows(pid_row, height, dil_h, tok // BLOCK_M, ROWS, KH)
+    row_group, key_row_first, key_row_count = _attended_rows(pid_row, height, dil_h, ROWS, KH)
+    valid = col_valid & row_valid
     bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
-    row_group, row_place, row_start = _row_window(row, height, dil_h, KH)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     q_mask = valid[:, None] & d_ok[None, :]
-    q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
+    m = tl.full([ROWS * BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([ROWS * BLOCK_M], tl.float32)
+    acc = tl.zeros([ROWS * BLOCK_M, BLOCK_D], tl.float32)
     kv_mask = key_valid[:, None] & d_ok[None, :]
-    for i in range(KH):
-        key_row = row_group + dil_h * (row_start + i)
-        k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
-        rpb_row = RPB + n * r_sn + (row_start + i - row_place + KH - 1) * r_sh
-        s = _logits(q, k, rpb_row + bias_col, in_window, scale_log2, HAS_RPB, PRECISION)
+    for j in range(key_row_count):
+        key_row_place = key_row_first + j
+        key_rows = _same_row(row_group + dil_h * key_row_place, key_cols)
+        k = tl.load(_tokens(K, b, key_rows, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
+        window_row = key_row_place - row_start  # this key row's index in each query's window
+        in_window = in_cols & ((window_row >= 0) & (window_row < KH) & row_valid)[:, None]
+        bias_row = key_row_place - row_place + KH - 1
+        bias_ptrs = RPB + n * r_sn + bias_row[:, None] * r_sh + bias_col
+        s = _logits(q, k, bias_ptrs, in_window, scale_log2, HAS_RPB, PRECISION)
         m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows of invalid queries stay empty
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # queries with no key yet stay empty
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(_tokens(V, b, key_row, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
+        v = tl.load(_tokens(V, b, key_rows, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     l_safe = tl.where(valid, l_sum, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(_tokens(OUT, b, row, n, cols, d, o_sb, o_sh, o_sw, o_sn), out.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), out.to(OUT.dtype.element_ty), mask=q_mask)
     # LSE is (B, H, W, heads) contiguous
-    lse_ptr = LSE + ((b * height + row) * width + cols) * heads + n
+    lse_ptr = LSE + ((b * height + rows) * width + cols) * heads + n
     tl.store(lse_ptr, m + tl.log2(l_safe), mask=valid)
 
 
@@ -181,22 +217,26 @@ def na2d_backward_query_kernel(
     o_sb, o_sh, o_sw, o_sn,
     r_sn, r_sh, drpb_slots,
     heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, BIAS_COLS: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, BIAS_COLS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dq (contiguous like q) and, with rpb, this program's partial rpb gradient; first DELTA, its
     queries' DO . OUT in float32 (the softmax gradient's row sums), which the key kernel reads after.
 
-    DRPB is (B*heads, H, drpb_slots, KH, 2*KW-1), zeros: program (b, n, row, column program c) writes
-    slot c (drpb_slots is the column program count of the smallest tile, so any tile fits); the rows
-    are its kh key rows, the caller maps them to rpb rows and sums over the rest (deterministic, no
-    atomics).
+    DRPB is (B*heads, H, drpb_slots, KH, 2*KW-1), zeros: for each of its query rows, program
+    (b, n, rows, column program c) writes slot c (drpb_slots is the column program count of the
+    smallest tile, so any tile fits); the rows are the query row's kh key rows, the caller maps them
+    to rpb rows and sums over the rest (deterministic, no atomics).
     """
-    pid_bn, row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    cols, place, valid, start, key_first, key_place, key_cols, key_valid, in_window = _query_tile(
-        pid_col, width, dil_w, BLOCK_M, BLOCK_N, KW
+    tok = tl.arange(0, ROWS * BLOCK_M)  # the program's queries, row by row
+    cols, place, col_valid, start, key_first, key_place, key_cols, key_valid, in_cols = _query_tile(
+        pid_col, width, dil_w, tok % BLOCK_M, BLOCK_M, BLOCK_N, KW
     )
+    rows, row_place, row_valid, row_start = _program_rows(pid_row, height, dil_h, tok // BLOCK_M, ROWS, KH)
+    row_group, key_row_first, key_row_count = _attended_rows(pid_row, height, dil_h, ROWS, KH)
+    valid = col_valid & row_valid
     bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
     # Bias column c of query j is the key at place place_j + c - (kw - 1): its index in the tile,
     # and whether it is in the query's window (a gather then sums the rpb gradient per column).
@@ -205,35 +245,44 @@ def na2d_backward_query_kernel(
     bias_rel = bias_place - start[:, None]
     bias_ok = (bias_rel >= 0) & (bias_rel < KW) & valid[:, None]
     bias_key = tl.where(bias_ok, bias_place - key_first, 0)
-    row_group, row_place, row_start = _row_window(row, height, dil_h, KH)
+    # the partial sums' slots of each of the program's rows (see the docstring)
+    tile_rows, _, tile_row_valid, tile_row_start = _program_rows(pid_row, height, dil_h, tl.arange(0, ROWS), ROWS, KH)
+    slots = (pid_bn.to(tl.int64) * height + tile_rows) * drpb_slots + pid_col
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     q_mask = valid[:, None] & d_ok[None, :]
-    q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
-    do = tl.load(_tokens(DO, b, row, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
-    out = tl.load(_tokens(OUT, b, row, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=q_mask, other=0.0)
+    q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
+    do = tl.load(_tokens(DO, b, rows, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
+    out = tl.load(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=q_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-    token = ((b * height + row) * width + cols) * heads + n
+    token = ((b * height + rows) * width + cols) * heads + n
     tl.store(DELTA + token, delta, mask=valid)
     lse = tl.load(LSE + token, mask=valid, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([ROWS * BLOCK_M, BLOCK_D], tl.float32)
     kv_mask = key_valid[:, None] & d_ok[None, :]
-    program = (pid_bn.to(tl.int64) * height + row) * drpb_slots + pid_col
-    for i in range(KH):
-        key_row = row_group + dil_h * (row_start + i)
-        k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
-        v = tl.load(_tokens(V, b, key_row, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
-        rpb_row = RPB + n * r_sn + (row_start + i - row_place + KH - 1) * r_sh
-        s = _logits(q, k, rpb_row + bias_col, in_window, scale_log2, HAS_RPB, PRECISION)
+    for j in range(key_row_count):
+        key_row_place = key_row_first + j
+        key_rows = _same_row(row_group + dil_h * key_row_place, key_cols)
+        k = tl.load(_tokens(K, b, key_rows, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
+        v = tl.load(_tokens(V, b, key_rows, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
+        window_row = key_row_place - row_start  # this key row's index in each query's window
+        row_ok = (window_row >= 0) & (window_row < KH) & row_valid
+        bias_row = key_row_place - row_place + KH - 1
+        bias_ptrs = RPB + n * r_sn + bias_row[:, None] * r_sh + bias_col
+        s = _logits(q, k, bias_ptrs, in_cols & row_ok[:, None], scale_log2, HAS_RPB, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # gradient of the logits
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if HAS_RPB:
-            partial = tl.sum(tl.where(bias_ok, tl.gather(ds, bias_key, 1), 0.0), 0)
-            tl.store(DRPB + (program * KH + i) * (2 * KW - 1) + bias_cols, partial, mask=bias_cols < 2 * KW - 1)
-    dq_ptr = DQ + (((b * height + row) * width + cols[:, None]) * heads + n) * head_dim + d[None, :]
+            by_column = tl.where(bias_ok & row_ok[:, None], tl.gather(ds, bias_key, 1), 0.0)
+            partial = tl.sum(tl.reshape(by_column, (ROWS, BLOCK_M, BIAS_COLS)), 1)  # per row of the tile
+            tile_window_row = key_row_place - tile_row_start
+            tile_row_ok = tile_row_valid & (tile_window_row >= 0) & (tile_window_row < KH)
+            partial_ptrs = DRPB + ((slots * KH + tile_window_row) * (2 * KW - 1))[:, None] + bias_cols[None, :]
+            tl.store(partial_ptrs, partial, mask=tile_row_ok[:, None] & (bias_cols < 2 * KW - 1)[None, :])
+    dq_ptr = DQ + (((b * height + rows[:, None]) * width + cols[:, None]) * heads + n) * head_dim + d[None, :]
     tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -246,49 +295,55 @@ def na2d_backward_key_kernel(
     do_sb, do_sh, do_sw, do_sn,
     r_sn, r_sh,
     heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dk and dv (contiguous like k) for BLOCK_N key places of one row and column group."""
-    pid_bn, key_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """dk and dv (contiguous like k) for BLOCK_N key places of ROWS rows of one row and column group."""
+    pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    group, group_len, key_place, key_valid, query_lo, query_hi, row_group, key_row_place, _, row_lo, row_hi = _key_tile(
-        pid_col, key_row, height, width, dil_h, dil_w, BLOCK_N, KH, KW
+    tok = tl.arange(0, ROWS * BLOCK_N)  # the program's keys, row by row
+    group, group_len, key_place, col_valid, query_lo, query_hi = _key_columns(
+        pid_col, width, dil_w, tok % BLOCK_N, BLOCK_N, KW
     )
+    key_rows, key_row_place, key_row_valid, _ = _program_rows(pid_row, height, dil_h, tok // BLOCK_N, ROWS, KH)
+    row_group, rows_len, row_lo, row_hi = _reaching_rows(pid_row, height, dil_h, ROWS, KH)
+    key_valid = col_valid & key_row_valid
     key_cols = group + dil_w * key_place
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     kv_mask = key_valid[:, None] & d_ok[None, :]
-    k = tl.load(_tokens(K, b, key_row, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
-    v = tl.load(_tokens(V, b, key_row, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    tiles = (query_hi - query_lo) // BLOCK_M + 1  # query tiles per row (see _key_tile)
+    k = tl.load(_tokens(K, b, key_rows, n, key_cols, d, k_sb, k_sh, k_sw, k_sn), mask=kv_mask, other=0.0)
+    v = tl.load(_tokens(V, b, key_rows, n, key_cols, d, v_sb, v_sh, v_sw, v_sn), mask=kv_mask, other=0.0)
+    dk = tl.zeros([ROWS * BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([ROWS * BLOCK_N, BLOCK_D], tl.float32)
+    tiles = (query_hi - query_lo) // BLOCK_M + 1  # query tiles per row (see _key_columns)
     for step in range((row_hi - row_lo + 1) * tiles):  # one loop, which Triton pipelines
         query_row_place = row_lo + step // tiles
         place = query_lo + (step % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
         valid = place <= query_hi
         cols = group + dil_w * place
+        window_row = key_row_place - _window_start(query_row_place, rows_len, KH)  # each key row's index
+        row_ok = (window_row >= 0) & (window_row < KH) & key_valid
         rel = key_place[:, None] - _window_start(place, group_len, KW)[None, :]
-        in_window = (rel >= 0) & (rel < KW) & valid[None, :] & key_valid[:, None]
+        in_window = (rel >= 0) & (rel < KW) & valid[None, :] & row_ok[:, None]
         q_mask = valid[:, None] & d_ok[None, :]
         bias_col = key_place[:, None] - place[None, :] + KW - 1
-        row = row_group + dil_h * query_row_place
-        rpb_row = RPB + n * r_sn + (key_row_place - query_row_place + KH - 1) * r_sh
-        q = tl.load(_tokens(Q, b, row, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
-        do = tl.load(_tokens(DO, b, row, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
-        token = ((b * height + row) * width + cols) * heads + n
+        bias_ptrs = RPB + n * r_sn + (key_row_place - query_row_place + KH - 1)[:, None] * r_sh + bias_col
+        rows = _same_row(row_group + dil_h * query_row_place, cols)
+        q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
+        do = tl.load(_tokens(DO, b, rows, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
+        token = ((b * height + rows) * width + cols) * heads + n
         lse = tl.load(LSE + token, mask=valid, other=0.0)
         delta = tl.load(DELTA + token, mask=valid, other=0.0)
         # transposed tile: keys x queries
-        s = _logits(k, q, rpb_row + bias_col, in_window, scale_log2, HAS_RPB, PRECISION)
+        s = _logits(k, q, bias_ptrs, in_window, scale_log2, HAS_RPB, PRECISION)
         p = tl.exp2(s - lse[None, :])
         dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds = p * (dp - delta[None, :])
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-    out = (((b * height + key_row) * width + key_cols[:, None]) * heads + n) * head_dim + d[None, :]
+    out = (((b * height + key_rows[:, None]) * width + key_cols[:, None]) * heads + n) * head_dim + d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -312,10 +367,12 @@ def _neighbor_tile(pid_col, row, n, height, width, dil_h, dil_w, BLOCK_M: tl.con
     Returns (token index of each query, query valid, j = 0..KW_PAD-1, (query, j) valid, key column of
     each (query, j), row group, first key row place of the window).
     """
-    cols, _, valid, start, _, _, _, _, _ = _query_tile(pid_col, width, dil_w, BLOCK_M, BLOCK_M, KW)
+    cols, _, valid, start, _, _, _, _, _ = _query_tile(
+        pid_col, width, dil_w, tl.arange(0, BLOCK_M), BLOCK_M, BLOCK_M, KW
+    )
     j = tl.arange(0, KW_PAD)
     key_cols = pid_col % dil_w + dil_w * (start[:, None] + j[None, :])
-    row_group, _, row_start = _row_window(row, height, dil_h, KH)
+    row_group, row_start, _ = _attended_rows(row, height, dil_h, 1, KH)
     tokens = (n * height + row) * width + cols
     return tokens, valid, j, valid[:, None] & (j < KW)[None, :], key_cols, row_group, row_start
 
@@ -376,14 +433,16 @@ def na_scatter_kernel(
     One program per BLOCK_N key places of one row and column group, as na2d_backward_key_kernel.
     """
     n, key_row, pid_col = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    group, group_len, key_place, key_valid, query_lo, query_hi, row_group, key_row_place, rows_len, row_lo, row_hi = (
-        _key_tile(pid_col, key_row, height, width, dil_h, dil_w, BLOCK_N, KH, KW)
+    group, group_len, key_place, key_valid, query_lo, query_hi = _key_columns(
+        pid_col, width, dil_w, tl.arange(0, BLOCK_N), BLOCK_N, KW
     )
+    row_group, rows_len, row_lo, row_hi = _reaching_rows(key_row, height, dil_h, 1, KH)
+    key_row_place = key_row // dil_h
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    tiles = (query_hi - query_lo) // BLOCK_M + 1  # query tiles per row (see _key_tile)
+    tiles = (query_hi - query_lo) // BLOCK_M + 1  # query tiles per row (see _key_columns)
     for step in range((row_hi - row_lo + 1) * tiles):  # one loop, which Triton pipelines
         query_row_place = row_lo + step // tiles
         place = query_lo + (step % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -41,13 +41,17 @@ _WIDE_FP32_SHARED_BYTES = 102656
 
 
 class TileConfig(NamedTuple):
-    """A launch configuration of the fused kernels: ``tile`` query places per program (forward, dq)
-    or key places per program (dk, dv), ``warps`` per program, and ``stages`` of Triton's software
-    pipelining of the kernels' loop (over the kh key rows, or over a key tile's query rows and tiles)."""
+    """A launch configuration of the fused kernels: ``tile`` query places per program row (forward,
+    dq) or key places (dk, dv), ``warps`` per program, ``stages`` of Triton's software pipelining of
+    the kernels' loop (over the key rows, or over a key tile's query rows and tiles), ``rows``
+    row places per program (each key row loaded once for them all), and a cap on the registers per
+    thread (None: the compiler's choice, up to 255), which bounds how many programs an SM holds."""
 
     tile: int
     warps: int
     stages: int
+    rows: int = 1
+    max_registers: int | None = None
 
 
 # Per query and key row a program computes as many logits as the tile's key span (32 at tile 16 with
@@ -59,12 +63,19 @@ class TileConfig(NamedTuple):
 # first launch of every shape and keeps the fastest (so run a shape once before capturing it in a
 # CUDA graph, as torch.compile's "reduce-overhead" mode does); see _tile_configs for when the first
 # is used alone.
+# A program of one row loads each key row (or, for dk/dv, each query row) once for each of the kh
+# rows that need it: at 56x56 (batch 128, bf16) the forward's loads of K and V come to about 1.7 GB
+# from L2, in 0.55 ms. Programs of ROWS rows load each (ROWS + kh - 1) / (ROWS * kh) as often (about
+# half at 2 rows, a third at 4), for (ROWS + kh - 1) / kh times the products.
 TILES: tuple[TileConfig, ...] = (
     TileConfig(16, 4, 3),
-    TileConfig(16, 2, 3),
+    TileConfig(16, 2, 2, rows=2),
+    TileConfig(16, 4, 2, rows=4),
     TileConfig(16, 1, 3),
-    TileConfig(16, 2, 2),
     TileConfig(16, 1, 2),
+    TileConfig(16, 2, 3),
+    TileConfig(16, 1, 2, rows=2),
+    TileConfig(16, 2, 2, rows=4),
 )
 _BLOCK, _WARPS = TILES[0].tile, TILES[0].warps  # the primitives' fixed configuration
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
@@ -125,9 +136,14 @@ def _next_power_of_2(n: int) -> int:
 def _tile_sizes(key_side: bool, tile: int, kw: int) -> dict:
     """BLOCK_M / BLOCK_N of a program owning ``tile`` places: the key places a query tile needs along
     a row are its places plus the window's overhang (and the queries of a key tile likewise, in one
-    tile or more: see triton_kernels._key_tile)."""
+    tile or more: see triton_kernels._key_columns)."""
     window = _next_power_of_2(tile + kw - 1)
     return {"BLOCK_M": window, "BLOCK_N": tile} if key_side else {"BLOCK_M": tile, "BLOCK_N": window}
+
+
+def _launch_params(key_side: bool, config: TileConfig, kw: int) -> dict:
+    """A fused kernel's tile constexprs (block sizes and ROWS) for ``config``."""
+    return {**_tile_sizes(key_side, config.tile, kw), "ROWS": config.rows}
 
 
 def _fp32_precision() -> str:
@@ -223,7 +239,12 @@ def _autotuned_kernel(name: str, configs: tuple[TileConfig, ...]):
         getattr(triton_kernels, _FUSED_KERNELS[name])
     )
     return triton.autotune(
-        [triton.Config({tuned: c.tile}, num_warps=c.warps, num_stages=c.stages) for c in configs],
+        [
+            triton.Config(
+                {tuned: c.tile, "ROWS": c.rows}, num_warps=c.warps, num_stages=c.stages, maxnreg=c.max_registers
+            )
+            for c in configs
+        ],
         key=_AUTOTUNE_KEY,
         reset_to_zero=["DRPB"] if name == "query" else None,  # the slots a tile leaves unwritten are summed
         **({"do_bench": _wall_clock} if _INTERPRETING else {}),  # older Triton has no do_bench argument
@@ -241,12 +262,13 @@ def autotuned() -> list[dict]:
     for name in _FUSED_KERNELS:
         for configs in dict.fromkeys(_stage_capped(_tile_configs(), wide) for wide in (False, True)):
             for key, config in _autotuned_kernel(name, configs).cache.items():
-                (tile,) = config.kwargs.values()
+                tile = config.kwargs["BLOCK_N" if name == "key" else "BLOCK_M"]
                 shape = dict(zip(_AUTOTUNE_KEY, key))
                 dtypes = key[len(_AUTOTUNE_KEY) :]  # of every tensor argument: q's, then rpb's among them
                 arg_dtypes = "/".join(dict.fromkeys(dtypes))
                 picks.append({"kernel": name, **shape, "dtype": dtypes[0], "arg_dtypes": arg_dtypes, "tile": tile,
-                              "num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
+                              "num_warps": config.num_warps, "num_stages": config.num_stages,
+                              "rows": config.kwargs["ROWS"]})  # fmt: skip
     return picks
 
 
@@ -277,8 +299,8 @@ def compile_for_cuda(
         constexprs = dict(_constexprs(name, dtype, kernel, head_dim, has_rpb))
         options = {"num_warps": _WARPS}
         if name in _FUSED_KERNELS:
-            constexprs.update(_tile_sizes(name == "key", tile.tile, kernel[1]))
-            options.update(num_warps=tile.warps, num_stages=tile.stages)
+            constexprs.update(_launch_params(name == "key", tile, kernel[1]))
+            options.update(num_warps=tile.warps, num_stages=tile.stages, maxnreg=tile.max_registers)
         signature = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -313,16 +335,24 @@ def _bias_args(rpb: Tensor | None, q: Tensor) -> tuple[Tensor, int, int]:
     return rpb, rpb.stride(0), rpb.stride(1)
 
 
-def _grid(q: Tensor, dilation_w: int, block: int) -> tuple[int, int, int]:
+def _programs(extent: int, dilation: int, block: int) -> int:
+    """Programs along an axis of ``extent`` positions, each owning ``block`` consecutive places of one
+    dilation group: ``block`` times the longest group's, rounded up, per group."""
+    longest = -(-extent // dilation)
+    return dilation * -(-longest // block)
+
+
+def _grid(q: Tensor, dilation: list[int], block: int, rows: int = 1) -> tuple[int, int, int]:
+    """(batch * heads, row programs, column programs) of a kernel on (B, H, W, heads, D) ``q``."""
     batch, height, width, heads, _ = q.shape
-    places = -(-width // dilation_w)  # of the longest column group
-    return (batch * heads, height, dilation_w * -(-places // block))
+    row_programs = height if rows == 1 else _programs(height, dilation[0], rows)  # row r's program is r
+    return (batch * heads, row_programs, _programs(width, dilation[1], block))
 
 
-def _tuned_grid(q: Tensor, dilation_w: int, tile: str):
+def _tuned_grid(q: Tensor, dilation: list[int], tile: str):
     """The grid of a fused kernel, given the configuration the autotuner launches (``tile`` names
     its tuned block size)."""
-    return lambda meta: _grid(q, dilation_w, meta[tile])
+    return lambda meta: _grid(q, dilation, meta[tile], meta["ROWS"])
 
 
 def _forward_kernels(
@@ -336,7 +366,7 @@ def _forward_kernels(
     lse = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
     with _device_of(q):
-        _fused_kernel("forward", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_M")](
+        _fused_kernel("forward", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
             q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
             heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
             **_constexprs("forward", q.dtype, kernel, dim, rpb is not None),
@@ -372,7 +402,7 @@ def _tiles_and_slots(q: Tensor, dilation: list[int]) -> tuple[set[int], int]:
     sums: one per column program of the smallest tile (each program writes its own). (The tiles
     do not depend on q's dtype and head dim, which cap only the stages: see _configs_for.)"""
     tiles = {config.tile for config in _tile_configs()}
-    return tiles, _grid(q, dilation[1], min(tiles))[2]
+    return tiles, _grid(q, dilation, min(tiles))[2]
 
 
 def _rpb_partial_shape(q: Tensor, kernel: list[int], slots: int, has_rpb: bool) -> tuple[int, ...]:
@@ -428,12 +458,12 @@ def _backward_kernels(
     partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)  # the query kernel's
     with _device_of(q):
-        _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_M")](
+        _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
             q, k, v, bias, grad_out, out, lse, delta, grad_q, partial, *strides, *_strides(out), bias_sn, bias_sh,
             slots, *shape_args,
             **_constexprs("query", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
-        _fused_kernel("key", q.dtype, q.shape[-1])[_tuned_grid(q, dilation[1], "BLOCK_N")](
+        _fused_kernel("key", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_N")](
             q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, bias_sn, bias_sh, *shape_args,
             **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
@@ -521,7 +551,7 @@ def _primitive(
     n, height, width, dim = features.shape
     out = features.new_empty(n, height, width, out_channels, dtype=out_dtype)
     with _device_of(features):
-        getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation[1], _BLOCK)](
+        getattr(triton_kernels, f"na_{name}_kernel")[_grid(features.unsqueeze(3), dilation, _BLOCK)](
             first, features, out, height, width, dim, dilation[0], dilation[1],
             **_constexprs(name, features.dtype, kernel, dim), num_warps=_WARPS,
         )  # fmt: skip

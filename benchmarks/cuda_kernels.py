@@ -34,15 +34,12 @@ from dinat.checkpoints import write_text_atomic
 from dinat.ops import na2d, triton_na
 
 LEVELS = ((56, 2), (28, 4), (14, 8))
-# the autotuner's candidates, and some beyond them: capped registers (more programs per SM, some
-# spilling), 4 warps at 2 rows, 3 stages at 4 rows (tile 32, 8 warps, 1 or 4 stages were slower on an
-# H100: BENCHMARKS.md)
+# the autotuner's candidates, and some beyond them that were slower on an H200 (4 rows, 2 warps at 1
+# row) or on an H100 (tile 32, 8 warps, 1 or 4 stages): BENCHMARKS.md
 CONFIGS = triton_na.TILES + (
-    triton_na.TileConfig(16, 2, 2, max_registers=128),
-    triton_na.TileConfig(16, 2, 2, rows=2, max_registers=128),
+    triton_na.TileConfig(16, 2, 2),
+    triton_na.TileConfig(16, 4, 2, rows=4),
     triton_na.TileConfig(16, 4, 2, rows=4, max_registers=128),
-    triton_na.TileConfig(16, 4, 2, rows=2),
-    triton_na.TileConfig(16, 4, 3, rows=4),
 )
 
 

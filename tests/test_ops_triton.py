@@ -216,10 +216,17 @@ CONFIGS_TO_RUN = triton_na.TILES if DEVICE.type == "cuda" else FIRST_OF_EACH_TIL
 TILED_SHAPES = [((1, 5, 70, 1, 16), (3, 7), (1, 1)), ((1, 9, 45, 2, 8), (3, 5), (2, 3))]
 
 
-# tile 32 is no candidate (slower on an H100), but the kernels and the rpb gradient's slots take any
-# tile: alone, and mixed with 16 (some slots then stay unwritten and must be zeros)
+# tile 32 and 4 rows are no candidates (slower on an H100 and an H200), but the kernels take any tile
+# and row count, and the rpb gradient's slots any tile: alone, and mixed with the first candidate
+# (some slots then stay unwritten and must be zeros)
 TILE_32 = triton_na.TileConfig(32, 4, 3)
-TILE_SETS = [(tile,) for tile in CONFIGS_TO_RUN] + [triton_na.TILES, (TILE_32,), (TILE_32, triton_na.TILES[0])]
+ROWS_4 = triton_na.TileConfig(16, 4, 2, rows=4)
+TILE_SETS = [(tile,) for tile in CONFIGS_TO_RUN] + [
+    triton_na.TILES,
+    (TILE_32,),
+    (TILE_32, triton_na.TILES[0]),
+    (ROWS_4,),
+]
 
 
 @needs_kernels
@@ -244,9 +251,10 @@ def test_every_tile_matches_reference(tile_configs, configs, shape, kernel, dila
     if len(configs) > 1:  # the autotuner's picks for this shape are reported (what dinat bench prints)
         picks = {p["kernel"]: p for p in triton_na.autotuned() if (p["height"], p["width"]) == shape[1:3]}
         assert sorted(picks) == ["forward", "key", "query"]
-        picked = [triton_na.TileConfig(p["tile"], p["num_warps"], p["num_stages"], p["rows"]) for p in picks.values()]
+        fields = ("tile", "num_warps", "num_stages", "rows", "max_registers")
+        picked = [triton_na.TileConfig(*(p[f] for f in fields)) for p in picks.values()]
         assert all(c in configs for c in picked)
-        assert all(p["dtype"] == p["arg_dtypes"] == "torch.float32" for p in picks.values())
+        assert all(p["dtype"] == p["rpb_dtype"] == "torch.float32" for p in picks.values())
 
 
 @needs_kernels

@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
         cols += ["train_peak_mem_mb", "mem_vs_swin_t"]
         print("\n" + _table(results["model"], cols))
     if results.get("triton_autotuned"):
-        cols = ["kernel", "height", "width", "KH", "KW", "dil_h", "dil_w", "heads", "arg_dtypes"]
-        cols += ["tile", "rows", "num_warps", "num_stages"]
+        cols = ["kernel", "height", "width", "KH", "KW", "dil_h", "dil_w", "heads", "dtype", "rpb_dtype"]
+        cols += ["tile", "rows", "num_warps", "num_stages", "max_registers"]
         print("\nTriton's autotuner picked:\n" + _table(results["triton_autotuned"], cols))
     print(f"\nresults: {path}")
     return results

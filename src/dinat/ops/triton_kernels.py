@@ -105,6 +105,28 @@ def _attended_rows(pid_row, height, dil_h, ROWS: tl.constexpr, KH: tl.constexpr)
 
 
 @triton.jit
+def _query_program(height, width, dil_h, dil_w, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   KH: tl.constexpr, KW: tl.constexpr):  # fmt: skip
+    """A query program's ROWS * BLOCK_M queries, row by row (program ids 1 and 2; see _query_tile
+    and _program_rows), and the key rows they attend.
+
+    Returns (columns, places, window starts along the row, first key place, key places, key columns,
+    key valid, in_cols: each query's kw keys along a row, rows, row places, row valid, first key row
+    place of each query's window, row group, first key row place, key row count, query valid, rpb
+    column of each (query, key): the key's offset from the query).
+    """
+    tok = tl.arange(0, ROWS * BLOCK_M)
+    cols, place, col_valid, start, key_first, key_place, key_cols, key_valid, in_cols = _query_tile(
+        tl.program_id(2), width, dil_w, tok % BLOCK_M, BLOCK_M, BLOCK_N, KW
+    )
+    rows, row_place, row_valid, row_start = _program_rows(tl.program_id(1), height, dil_h, tok // BLOCK_M, ROWS, KH)
+    row_group, key_row_first, key_row_count = _attended_rows(tl.program_id(1), height, dil_h, ROWS, KH)
+    bias_col = key_place[None, :] - place[:, None] + KW - 1
+    return (cols, place, start, key_first, key_place, key_cols, key_valid, in_cols, rows, row_place, row_valid,
+            row_start, row_group, key_row_first, key_row_count, col_valid & row_valid, bias_col)  # fmt: skip
+
+
+@triton.jit
 def _reaching_queries(first, last, group_len, KERNEL: tl.constexpr):
     """(lo, hi): the query places whose windows reach key places first..last along one axis (the
     window start is monotone in the place, in steps of 0 or 1)."""
@@ -163,16 +185,12 @@ def na2d_forward_kernel(
     KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_bn = tl.program_id(0)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    tok = tl.arange(0, ROWS * BLOCK_M)  # the program's queries, row by row
-    cols, place, col_valid, _, _, key_place, key_cols, key_valid, in_cols = _query_tile(
-        pid_col, width, dil_w, tok % BLOCK_M, BLOCK_M, BLOCK_N, KW
-    )
-    rows, row_place, row_valid, row_start = _program_rows(pid_row, height, dil_h, tok // BLOCK_M, ROWS, KH)
-    row_group, key_row_first, key_row_count = _attended_rows(pid_row, height, dil_h, ROWS, KH)
-    valid = col_valid & row_valid
-    bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
+    (cols, place, _, _, key_place, key_cols, key_valid, in_cols, rows, row_place, row_valid, row_start,
+     row_group, key_row_first, key_row_count, valid, bias_col) = _query_program(
+        height, width, dil_h, dil_w, ROWS, BLOCK_M, BLOCK_N, KH, KW
+    )  # fmt: skip
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
@@ -230,14 +248,10 @@ def na2d_backward_query_kernel(
     """
     pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    tok = tl.arange(0, ROWS * BLOCK_M)  # the program's queries, row by row
-    cols, place, col_valid, start, key_first, key_place, key_cols, key_valid, in_cols = _query_tile(
-        pid_col, width, dil_w, tok % BLOCK_M, BLOCK_M, BLOCK_N, KW
-    )
-    rows, row_place, row_valid, row_start = _program_rows(pid_row, height, dil_h, tok // BLOCK_M, ROWS, KH)
-    row_group, key_row_first, key_row_count = _attended_rows(pid_row, height, dil_h, ROWS, KH)
-    valid = col_valid & row_valid
-    bias_col = key_place[None, :] - place[:, None] + KW - 1  # rpb column: the key's offset from the query
+    (cols, place, start, key_first, key_place, key_cols, key_valid, in_cols, rows, row_place, row_valid, row_start,
+     row_group, key_row_first, key_row_count, valid, bias_col) = _query_program(
+        height, width, dil_h, dil_w, ROWS, BLOCK_M, BLOCK_N, KH, KW
+    )  # fmt: skip
     # Bias column c of query j is the key at place place_j + c - (kw - 1): its index in the tile,
     # and whether it is in the query's window (a gather then sums the rpb gradient per column).
     bias_cols = tl.arange(0, BIAS_COLS)

@@ -55,29 +55,30 @@ class TileConfig(NamedTuple):
 
 
 # Per query and key row a program computes as many logits as the tile's key span (32 at tile 16 with
-# kw=7): the kernels are latency-bound (their products are tiny), and on an H100 (bf16, DiNAT-Mini's
-# d1 levels, benchmarks/cuda_kernels.py) tile 32 was 1.3-2.6x slower than 16 for every kernel; among
-# tile 16's, 1 warp was fastest for the forward at every level (0.55 vs 0.77 ms for 4 warps at
-# 56x56) and for dk/dv at 56x56 and 28x28, 4 warps for dk/dv at 14x14, and dq varied by 2% but for
-# 14x14 (1 warp 20% slower); the stages changed little. Triton's autotuner times each at the
-# first launch of every shape and keeps the fastest (so run a shape once before capturing it in a
-# CUDA graph, as torch.compile's "reduce-overhead" mode does); see _tile_configs for when the first
-# is used alone.
-# A program of one row loads each key row (or, for dk/dv, each query row) once for each of the kh
-# rows that need it: at 56x56 (batch 128, bf16) the forward's loads of K and V come to about 1.7 GB
-# from L2, in 0.55 ms. Programs of ROWS rows load each (ROWS + kh - 1) / (ROWS * kh) as often (about
-# half at 2 rows, a third at 4), for (ROWS + kh - 1) / kh times the products.
+# kw=7): the kernels are latency-bound (their products are tiny; tile 32 was 1.3-2.6x slower than
+# 16 for every kernel on an H100). A program of one row loads each key row (for dk/dv, each query
+# row) once for each of the kh rows that need it; programs of ROWS rows load each
+# (ROWS + kh - 1) / (ROWS * kh) as often, for (ROWS + kh - 1) / kh times the products.
+# The candidates, from benchmarks/cuda_kernels.py on an H200 (bf16, batch 128, DiNAT-Mini's d1
+# levels 56x56, 28x28, 14x14; each kernel forced to each configuration, BENCHMARKS.md):
+# - forward: 2 rows won at every level (0.492, 0.286, 0.130 ms against 0.528, 0.298, 0.186 for
+#   the best of 1 row): 1 warp at 56x56, 2 warps at 28x28, 2 warps with 128 registers at 14x14;
+# - backward, dq or dk/dv forced: 1 row and 1 warp won, or came within 1% (2 rows: dk/dv 5-10%
+#   slower; 4 rows: 4-33% slower for either kernel);
+# - 4 warps at 1 row (the first candidate before) was 4-65% slower than the best for every kernel
+#   there; it stays a candidate for other GPUs (it was the fastest dk/dv at 14x14 on an H100).
+# Triton's autotuner times each at the first launch of every shape and keeps the fastest (so run a
+# shape once before capturing it in a CUDA graph, as torch.compile's "reduce-overhead" mode does);
+# see _tile_configs for when the first is used alone.
 TILES: tuple[TileConfig, ...] = (
-    TileConfig(16, 4, 3),
-    TileConfig(16, 2, 2, rows=2),
-    TileConfig(16, 4, 2, rows=4),
-    TileConfig(16, 1, 3),
     TileConfig(16, 1, 2),
-    TileConfig(16, 2, 3),
+    TileConfig(16, 2, 2, rows=2, max_registers=128),
+    TileConfig(16, 1, 3),
     TileConfig(16, 1, 2, rows=2),
-    TileConfig(16, 2, 2, rows=4),
+    TileConfig(16, 2, 2, rows=2),
+    TileConfig(16, 4, 3),
 )
-_BLOCK, _WARPS = TILES[0].tile, TILES[0].warps  # the primitives' fixed configuration
+_BLOCK, _WARPS = 16, 4  # the primitives' fixed configuration
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
 
 
@@ -252,10 +253,9 @@ def _autotuned_kernel(name: str, configs: tuple[TileConfig, ...]):
 
 
 def autotuned() -> list[dict]:
-    """What Triton's autotuner picked so far: one row per fused kernel and key (shape and the
-    arguments' dtypes: a float32 rpb with bfloat16 q, as under autocast, is another key than a bfloat16
-    one), with the tile, warp count and pipeline stages. Empty when it had a single configuration to
-    use (no choice made)."""
+    """What Triton's autotuner picked so far: one row per fused kernel and key (shape, and the dtypes
+    of q and rpb: a float32 rpb with bfloat16 q, as under autocast, is another key than a bfloat16
+    one), with the configuration. Empty when it had a single configuration to use (no choice made)."""
     if _TRITON_PROBLEM:
         return []
     picks = []
@@ -264,11 +264,11 @@ def autotuned() -> list[dict]:
             for key, config in _autotuned_kernel(name, configs).cache.items():
                 tile = config.kwargs["BLOCK_N" if name == "key" else "BLOCK_M"]
                 shape = dict(zip(_AUTOTUNE_KEY, key))
-                dtypes = key[len(_AUTOTUNE_KEY) :]  # of every tensor argument: q's, then rpb's among them
-                arg_dtypes = "/".join(dict.fromkeys(dtypes))
-                picks.append({"kernel": name, **shape, "dtype": dtypes[0], "arg_dtypes": arg_dtypes, "tile": tile,
+                dtypes = key[len(_AUTOTUNE_KEY) :]  # of every tensor argument, in order: Q, K, V, RPB, ...
+                rpb_dtype = dtypes[3] if shape["HAS_RPB"] else "-"
+                picks.append({"kernel": name, **shape, "dtype": dtypes[0], "rpb_dtype": rpb_dtype, "tile": tile,
                               "num_warps": config.num_warps, "num_stages": config.num_stages,
-                              "rows": config.kwargs["ROWS"]})  # fmt: skip
+                              "rows": config.kwargs["ROWS"], "max_registers": config.maxnreg})  # fmt: skip
     return picks
 
 

@@ -29,6 +29,10 @@ from dinat.layers import NeighborhoodAttention2D
 from dinat.ops import current_backend, na2d, reference, triton_na, use_backend
 
 HALF_DTYPES = [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch.bfloat16]
+FUSED = ("forward", "query", "key")
+ALL_KERNELS = (*FUSED, "dot", "weighted_sum", "scatter")
+# the candidates that ask for the most shared memory: the most pipeline stages, the most rows
+MOST_SHARED = tuple(dict.fromkeys(max(triton_na.TILES, key=lambda c: getattr(c, f)) for f in ("stages", "rows")))
 
 
 @needs_interpreter_run
@@ -64,8 +68,9 @@ def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tile", triton_na.TILES[1:], ids=str)
 def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
-    """Every configuration the autotuner may pick compiles for H100 (DiNAT's 7x7, head dim 32)."""
-    _assert_compiles(90, dtype, (7, 7), 32, True, tile)
+    """Every configuration the autotuner may pick compiles for H100 (DiNAT's 7x7, head dim 32; the
+    fused kernels, the ones a configuration changes)."""
+    _assert_compiles(90, dtype, (7, 7), 32, True, tile, FUSED)
 
 
 @pytest.mark.skipif(
@@ -74,15 +79,28 @@ def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
 )
 @pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float32, 256), (torch.float32, 128), (torch.float16, 256)])
 @pytest.mark.parametrize("kernel", [(7, 7), (13, 13)], ids=["k7", "k13"])
-def test_the_widest_heads_fit_the_shared_memory_of_an_a100(dtype, head_dim, kernel) -> None:
+@pytest.mark.parametrize("tile", MOST_SHARED, ids=str)
+def test_the_widest_heads_fit_the_shared_memory_of_an_a100(dtype, head_dim, kernel, tile) -> None:
     """Triton checks shared memory only at launch. At tile 16 every fused kernel fits an A100's
     163 KB per block (float32 at head dim 256 did not with 3 pipeline stages: 170 KB), and float32
     over head dim 128 within what `unavailable_reason` asks of a device, for every kernel size (a
     dk/dv query tile sized for the widest kernels' reach needed 172 KB at 13x13)."""
-    compiled = triton_na.compile_for_cuda(80, dtype, kernel, head_dim, True)
+    compiled = triton_na.compile_for_cuda(80, dtype, kernel, head_dim, True, tile, FUSED)
     limit = triton_na._WIDE_FP32_SHARED_BYTES if triton_na._is_wide_fp32(dtype, head_dim) else 166912
-    for name in ("forward", "query", "key"):
+    for name in FUSED:
         assert compiled[name].metadata.shared <= limit, name
+
+
+def test_wide_float32_launches_within_the_shared_memory_it_asks_for() -> None:
+    """float32 over head dim 128 launches at most 2 stages of 1-row programs (2 rows: 106624 bytes
+    for the forward, over the _WIDE_FP32_SHARED_BYTES a device must have); other dtypes and head
+    dims every candidate."""
+    capped = triton_na._wide_fp32_capped(triton_na.TILES, True)
+    assert capped and all(c.stages <= 2 and c.rows == 1 for c in capped)
+    others = lambda configs: {(c.tile, c.warps, c.max_registers) for c in configs}  # noqa: E731
+    assert others(capped) == others(triton_na.TILES)
+    assert triton_na._wide_fp32_capped(triton_na.TILES, False) == triton_na.TILES
+    assert triton_na._is_wide_fp32(torch.float32, 129) and not triton_na._is_wide_fp32(torch.bfloat16, 256)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="device properties of a CUDA tensor")
@@ -124,9 +142,9 @@ print(seen)
     assert result.stdout.strip() == str(["ieee", "tf32", "tf32", "ieee", "tf32"])
 
 
-def _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, tile) -> None:
-    compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb, tile)
-    assert sorted(compiled) == ["dot", "forward", "key", "query", "scatter", "weighted_sum"]
+def _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, tile, names=ALL_KERNELS) -> None:
+    compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb, tile, names)
+    assert sorted(compiled) == sorted(names)
     for kernel_binary in compiled.values():
         assert kernel_binary.asm["cubin"] and f"sm_{arch}" in kernel_binary.asm["ptx"]
 
@@ -222,7 +240,7 @@ TILED_SHAPES = [((1, 5, 70, 1, 16), (3, 7), (1, 1)), ((1, 9, 45, 2, 8), (3, 5), 
 TILE_32 = triton_na.TileConfig(32, 4, 3)
 ROWS_4 = triton_na.TileConfig(16, 4, 2, rows=4)
 TILE_SETS = [(tile,) for tile in CONFIGS_TO_RUN] + [
-    triton_na.TILES,
+    CONFIGS_TO_RUN,  # the autotuner's choice among them
     (TILE_32,),
     (TILE_32, triton_na.TILES[0]),
     (ROWS_4,),

@@ -33,8 +33,9 @@ Pair = tuple[int, int]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 # float32 at head dims over 128 (padded to 256): Triton's default 3 pipeline stages ask the backward
-# kernels for 170 KB of shared memory per program, over an A100's 163 KB; 2 stages ask 102656 bytes
-# at tile 16 (ptxas, sm_80 and sm_86), more than consumer GPUs (99 KB) have: those use `flex`.
+# kernels for 170 KB of shared memory per program, over an A100's 163 KB; 2 stages of 1-row programs
+# ask 102656 bytes at tile 16 (ptxas, sm_80 and sm_86; 2 rows: 106624 for the forward), more than
+# consumer GPUs (99 KB) have: those use `flex`.
 _WIDE_FP32_HEAD_DIM = 128
 _WIDE_FP32_STAGES = 2
 _WIDE_FP32_SHARED_BYTES = 102656
@@ -216,16 +217,17 @@ def _fused_kernel(name: str, dtype: torch.dtype, head_dim: int):
 
 
 def _configs_for(dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
-    """:func:`_tile_configs` for tensors of ``dtype`` and ``head_dim`` (see :func:`_stage_capped`)."""
-    return _stage_capped(_tile_configs(), _is_wide_fp32(dtype, head_dim))
+    """:func:`_tile_configs` for tensors of ``dtype`` and ``head_dim`` (see :func:`_wide_fp32_capped`)."""
+    return _wide_fp32_capped(_tile_configs(), _is_wide_fp32(dtype, head_dim))
 
 
 @functools.cache
-def _stage_capped(configs: tuple[TileConfig, ...], wide_fp32: bool) -> tuple[TileConfig, ...]:
-    """``configs`` with at most _WIDE_FP32_STAGES pipeline stages for wide float32 (duplicates dropped)."""
+def _wide_fp32_capped(configs: tuple[TileConfig, ...], wide_fp32: bool) -> tuple[TileConfig, ...]:
+    """``configs``, for wide float32 with at most _WIDE_FP32_STAGES pipeline stages and 1 row per
+    program, which keeps every kernel within _WIDE_FP32_SHARED_BYTES (duplicates dropped)."""
     if not wide_fp32:
         return configs
-    return tuple(dict.fromkeys(c._replace(stages=min(c.stages, _WIDE_FP32_STAGES)) for c in configs))
+    return tuple(dict.fromkeys(c._replace(stages=min(c.stages, _WIDE_FP32_STAGES), rows=1) for c in configs))
 
 
 @functools.cache
@@ -260,7 +262,7 @@ def autotuned() -> list[dict]:
         return []
     picks = []
     for name in _FUSED_KERNELS:
-        for configs in dict.fromkeys(_stage_capped(_tile_configs(), wide) for wide in (False, True)):
+        for configs in dict.fromkeys(_wide_fp32_capped(_tile_configs(), wide) for wide in (False, True)):
             for key, config in _autotuned_kernel(name, configs).cache.items():
                 tile = config.kwargs["BLOCK_N" if name == "key" else "BLOCK_M"]
                 shape = dict(zip(_AUTOTUNE_KEY, key))
@@ -272,13 +274,23 @@ def autotuned() -> list[dict]:
     return picks
 
 
+_KERNEL_NAMES = ("forward", "query", "key", "dot", "weighted_sum", "scatter")
+
+
 def compile_for_cuda(
-    arch: int, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, tile: TileConfig = TILES[0]
+    arch: int,
+    dtype: torch.dtype,
+    kernel: Pair,
+    head_dim: int,
+    has_rpb: bool,
+    tile: TileConfig = TILES[0],
+    names: tuple[str, ...] = _KERNEL_NAMES,
 ) -> dict:
-    """Build the seven kernels for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of
-    time, down to the cubin, with the parameters a launch would use (the fused ones with ``tile``, one
-    of TILES). Needs no GPU: this is how the suite checks on CPU-only machines that the kernels
-    compile for real devices."""
+    """Build kernels ``names`` (default: all six; the fused 'forward', 'query', 'key', and the
+    primitives) for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of time, down to the
+    cubin, with the parameters a launch would use (the fused ones with ``tile``, one of TILES).
+    Needs no GPU: this is how the suite checks on CPU-only machines that the kernels compile for
+    real devices."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -287,15 +299,12 @@ def compile_for_cuda(
 
     element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     compiled = {}
-    tile = _stage_capped((tile,), _is_wide_fp32(dtype, head_dim))[0]  # as a launch caps its stages
-    for name, fn in (
-        ("forward", triton_kernels.na2d_forward_kernel),
-        ("query", triton_kernels.na2d_backward_query_kernel),
-        ("key", triton_kernels.na2d_backward_key_kernel),
-        ("dot", triton_kernels.na_dot_kernel),
-        ("weighted_sum", triton_kernels.na_weighted_sum_kernel),
-        ("scatter", triton_kernels.na_scatter_kernel),
-    ):
+    tile = _wide_fp32_capped((tile,), _is_wide_fp32(dtype, head_dim))[0]  # as a launch caps it
+    unknown = set(names) - set(_KERNEL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown kernel names {sorted(unknown)}; the kernels are {_KERNEL_NAMES}")
+    for name in names:
+        fn = getattr(triton_kernels, _FUSED_KERNELS.get(name, f"na_{name}_kernel"))
         constexprs = dict(_constexprs(name, dtype, kernel, head_dim, has_rpb))
         options = {"num_warps": _WARPS}
         if name in _FUSED_KERNELS:

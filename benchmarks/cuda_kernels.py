@@ -12,7 +12,9 @@ DiNAT-Mini are whole windows, batched attention), at batch 128, head dim 32, bfl
 Then the kernels of one training step of dinat_mini and of Swin-T (torch.profiler), by CUDA time,
 and each step's wall time (5 steps back to back, and each step synchronized on its own) against its
 GPU time (a step whose wall time is well over its GPU time is bound by the CPU launching kernels);
-and both models' steps timed side by side as ``dinat bench`` times them.
+and both models' steps timed side by side as ``dinat bench`` times them; with ``--compile MODE``,
+the steps compiled in that mode (``reduce-overhead`` replays CUDA graphs: not yet run on a GPU, so
+whether the profiler lists the kernels inside the graphs one by one is not known here).
 
     python benchmarks/cuda_kernels.py --output DIR    # on a GPU machine; writes DIR/kernels.json
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dinat.bench import _build, interleaved_medians, training_step, window_attention
+from dinat.bench import COMPILE_MODES, _build, interleaved_medians, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
 from dinat.ops import na2d, triton_na
 
@@ -146,9 +148,17 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
     return row
 
 
-def model_profile(name: str, batch: int, dtype: torch.dtype) -> dict:
-    torch.manual_seed(0)
+def _model(name: str, compile_mode: str | None) -> torch.nn.Module:
+    """Model ``name`` on CUDA in training mode, compiled in ``compile_mode`` (bench.COMPILE_MODES) if given."""
     model = _build(name).cuda().train()
+    if compile_mode:
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    return model
+
+
+def model_profile(name: str, batch: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:
+    torch.manual_seed(0)
+    model = _model(name, compile_mode)
     images = torch.randn(batch, 3, 224, 224, device="cuda")
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
     step = training_step(model, images, targets, dict(device_type="cuda", dtype=dtype))  # the bench's step
@@ -178,7 +188,7 @@ def model_profile(name: str, batch: int, dtype: torch.dtype) -> dict:
             "issue_ms": launched * 1e3, "kernels": kernels}  # fmt: skip
 
 
-def side_by_side(names: tuple[str, ...], batch: int, dtype: torch.dtype) -> dict:
+def side_by_side(names: tuple[str, ...], batch: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:
     """ms per training step of each model, all resident and timed as `dinat bench` times them
     (bench.interleaved_medians: round-robin samples of pipelined steps): beside model_profile's
     figures, this tells the bench's way of timing from what ran before it in the bench's process."""
@@ -186,7 +196,7 @@ def side_by_side(names: tuple[str, ...], batch: int, dtype: torch.dtype) -> dict
     images = torch.randn(batch, 3, 224, 224, device="cuda")
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
     autocast = dict(device_type="cuda", dtype=dtype)
-    steps = {name: training_step(_build(name).cuda().train(), images, targets, autocast) for name in names}
+    steps = {name: training_step(_model(name, compile_mode), images, targets, autocast) for name in names}
     medians = interleaved_medians(steps, 4, torch.device("cuda"))
     figures = ", ".join(f"{name} {seconds * 1e3:.1f} ms/step" for name, seconds in medians.items())
     print(f"side by side, as `dinat bench` times them: {figures}", flush=True)
@@ -199,6 +209,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--skip-configs", action="store_true", help="only the op and model figures")
     parser.add_argument("--skip-models", action="store_true", help="only the op figures")
+    parser.add_argument(
+        "--compile", choices=COMPILE_MODES, help="the training steps compiled in this mode (e.g. reduce-overhead)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() or not triton_na.available():
         raise SystemExit(f"needs CUDA and Triton: {triton_na.unavailable_reason() or 'no CUDA device'}")
@@ -209,9 +222,10 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     models = () if args.skip_models else ("dinat_mini", "swin_tiny_patch4_window7_224")
     args.output.mkdir(parents=True, exist_ok=True)
-    results["models"] = [_recorded(model_profile, name, args.batch, dtype) for name in models]
+    results["compile"] = args.compile
+    results["models"] = [_recorded(model_profile, name, args.batch, dtype, args.compile) for name in models]
     if models:
-        results["side_by_side_ms"] = _recorded(side_by_side, models, args.batch, dtype)
+        results["side_by_side_ms"] = _recorded(side_by_side, models, args.batch, dtype, args.compile)
     results["levels"] = [_recorded(op_level, size, heads, args.batch, dtype) for size, heads in LEVELS]
     write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
     measured = results["models"] + results["levels"] + [results.get("side_by_side_ms", {})]

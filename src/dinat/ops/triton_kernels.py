@@ -14,9 +14,10 @@ BLOCK_N >= BLOCK_M + kw - 1 consecutive places; across rows, its queries attend 
 rows at most (each row place's window starts 0 or 1 place after the previous one's). So the forward
 is one step of online softmax per key row over a (ROWS * BLOCK_M x BLOCK_N) tile, masked to each
 query's kw keys in the rows of its window: dilation costs nothing (it is a stride), and the tile
-does (ROWS + kh - 1) / (ROWS * kh) * BLOCK_N / kw times the minimal work instead of the flattened
-sequence's whole rows of keys. ROWS > 1 loads each key row once for several query rows (each key
-row is needed by kh query rows), for (ROWS + kh - 1) / kh times the products of ROWS = 1.
+does (ROWS + kh - 1) / kh * BLOCK_N / kw times the minimal work instead of the flattened sequence's
+whole rows of keys. ROWS > 1 loads each key row once for several query rows (each key row is
+needed by kh query rows): (ROWS + kh - 1) / (ROWS * kh) as many loads as ROWS = 1, for
+(ROWS + kh - 1) / kh times its products.
 
 The key-side backward mirrors it: a program owns BLOCK_N key places of one column group in ROWS row
 places, and visits every query row that attends one of its key rows (ROWS + kh - 1 of them inside
@@ -241,7 +242,8 @@ def na2d_backward_query_kernel(
     """dq (contiguous like q) and, with rpb, this program's partial rpb gradient; first DELTA, its
     queries' DO . OUT in float32 (the softmax gradient's row sums), which the key kernel reads after.
 
-    DRPB is (B*heads, H, drpb_slots, KH, 2*KW-1), zeros: for each of its query rows, program
+    DRPB is (B*heads, H, drpb_slots, KH, 2*KW-1), zeros where tiles larger than the smallest leave
+    slots unwritten (see triton_na._backward_kernels): for each of its query rows, program
     (b, n, rows, column program c) writes slot c (drpb_slots is the column program count of the
     smallest tile, so any tile fits); the rows are the query row's kh key rows, the caller maps them
     to rpb rows and sums over the rest (deterministic, no atomics).

@@ -249,7 +249,9 @@ def _autotuned_kernel(name: str, configs: tuple[TileConfig, ...]):
             for c in configs
         ],
         key=_AUTOTUNE_KEY,
-        reset_to_zero=["DRPB"] if name == "query" else None,  # the slots a tile leaves unwritten are summed
+        # the slots a tile leaves unwritten are summed: zeroed before each timed run and once more
+        # after the timing (Triton's autotuner does, before it launches the chosen configuration)
+        reset_to_zero=["DRPB"] if name == "query" else None,
         **({"do_bench": _wall_clock} if _INTERPRETING else {}),  # older Triton has no do_bench argument
     )(kernel)
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dinat.bench import COMPILE_MODES, _build, interleaved_medians, training_step, window_attention
+from dinat.bench import _build, interleaved_medians, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
+from dinat.factory import COMPILE_MODES, compile_model
 from dinat.ops import na2d, triton_na
 
 LEVELS = ((56, 2), (28, 4), (14, 8))
@@ -149,11 +150,9 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
 
 
 def _model(name: str, compile_mode: str | None) -> torch.nn.Module:
-    """Model ``name`` on CUDA in training mode, compiled in ``compile_mode`` (bench.COMPILE_MODES) if given."""
+    """Model ``name`` on CUDA in training mode, compiled in ``compile_mode`` if given."""
     model = _build(name).cuda().train()
-    if compile_mode:
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
-    return model
+    return compile_model(model, compile_mode) if compile_mode else model
 
 
 def model_profile(name: str, batch: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:

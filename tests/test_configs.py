@@ -170,6 +170,7 @@ def test_pretrained_weights_that_do_not_exist_are_a_clear_error(capsys):
         ("mixup_mode", "element", r"mixup_mode: unknown value 'element'.*'elem'"),  # timm: silently 'batch'
         ("remode", "pixels", r"remode: unknown value 'pixels'.*'pixel'"),
         ("eval_metric", "top-1", r"eval_metric: unknown value 'top-1'.*'top1'"),  # was a KeyError after epoch 1
+        ("compile_mode", "reduce_overhead", r"compile_mode: unknown value 'reduce_overhead'.*'reduce-overhead'"),
         ("opt", "adamx", r"opt: unknown timm optimizer 'adamx'.*'adamax'"),
         ("opt", "slow_adamw", r"opt: unknown timm optimizer 'slow_adamw'"),
         ("aa", "rand-q9", r"aa 'rand-q9' is not a timm auto-augment policy"),

@@ -19,6 +19,7 @@ from dinat import train, validate
 from dinat.checkpoints import CheckpointError
 from dinat.cli import main as cli_main
 from dinat.config import ConfigError, make_config
+from dinat.factory import compile_model
 from dinat.ops import reference
 
 
@@ -393,14 +394,21 @@ def test_device_names(monkeypatch):
 
 
 def test_compile_flag_compiles_the_model(trained, tmp_path, monkeypatch):
-    """--compile hands the model to torch.compile in train and validate (recorded, not compiled here)."""
+    """--compile hands the model to torch.compile in train and validate, in the mode given
+    (recorded, not compiled here)."""
     root, out, _ = trained
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(type(model).__name__) or model)
-    train.main([str(root), *TINY, "--max-steps", "1", "--output", str(tmp_path), "--compile"])
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs["mode"]) or model)
+    run = [str(root), *TINY, "--max-steps", "1", "--compile"]
+    train.main([*run, "--output", str(tmp_path / "a")])
+    train.main([*run, "--compile-mode", "reduce-overhead", "--output", str(tmp_path / "b")])
     common = ["--img-size", "32", "--crop-pct", "1.0", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
-    validate.main(["--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common, "--compile"])
-    assert len(compiled) == 2, compiled  # once in train, once in validate
+    checkpoint = ["--model", MODEL, "--checkpoint", str(out / "last.pth"), str(root), *common]
+    validate.main([*checkpoint, "--compile"])
+    validate.main([*checkpoint, "--compile", "max-autotune"])
+    assert compiled == [None, "reduce-overhead", None, "max-autotune"]
+    with pytest.raises(ValueError, match="compile mode must be one of default, reduce-overhead, .*got 'fast'"):
+        compile_model(torch.nn.Linear(1, 1), "fast")
 
 
 @pytest.mark.parametrize("hard_links", [True, False], ids=["links", "copies"])

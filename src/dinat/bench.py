@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .checkpoints import write_text_atomic
 from .config import ArgumentParser, check_model_name
+from .factory import COMPILE_MODES, compile_model
 from .ops import BACKENDS, cpu, current_backend, na2d, use_backend
 from .validate import attention_backend
 
@@ -37,7 +38,6 @@ DINAT_MINI_LEVELS = [(56, 2, (1, 8)), (28, 4, (1, 4)), (14, 8, (1, 2)), (7, 16, 
 OURS = ["dinat_mini", "dinat_s_tiny", "dinat_isotropic_small"]
 YARDSTICKS = ["swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224"]
 WINDOW = 7
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 PIPELINED_CALLS = 5  # calls per timing sample on CUDA (see interleaved_medians)
 CPU = torch.device("cpu")
 
@@ -226,8 +226,7 @@ def model_rows(
     parsed = {name: (name.partition("@")[0], name.partition("@")[2] or backend) for name in names}
     built = {name: _build(model_name).to(device) for name, (model_name, _) in parsed.items()}
     if compile_mode:  # throughput of the compiled models; the memory column stays eager
-        mode = None if compile_mode == "default" else compile_mode
-        built = {name: torch.compile(model, mode=mode) for name, model in built.items()}
+        built = {name: compile_model(model, compile_mode) for name, model in built.items()}
     images = torch.randn(batch, 3, 224, 224, device=device)
     targets = torch.zeros(batch, dtype=torch.long, device=device)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)

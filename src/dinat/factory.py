@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from . import models
@@ -36,9 +37,20 @@ def create_model(
     return model
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
+    """``torch.compile(model)`` in ``mode``, one of COMPILE_MODES ("reduce-overhead" replays CUDA
+    graphs: the step no longer waits on the CPU's kernel launches)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def list_models() -> list[str]:
     """The names ``create_model`` accepts (architectures; tags via timm.list_pretrained)."""
     return list(models.MODEL_NAMES)
 
 
-__all__ = ["create_model", "list_models"]
+__all__ = ["COMPILE_MODES", "compile_model", "create_model", "list_models"]

@@ -49,6 +49,7 @@ from .config import (
     uses_mixup,
 )
 from .data import ResumableSampler, build_datasets, eval_loader, train_loader
+from .factory import compile_model
 from .ops import use_backend
 from .validate import (
     attention_backend,
@@ -407,7 +408,7 @@ def _train(cfg: Config) -> dict:
         model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_model(model, cfg.compile_mode)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
     bare = unwrap_model(model)

@@ -31,6 +31,7 @@ from .checkpoints import (
     write_text_atomic,
 )
 from .config import AMP_DTYPES, INTERPOLATIONS, ArgumentParser, Config, ConfigError, check_model_name, make_config
+from .factory import COMPILE_MODES, compile_model
 from .ops import BACKENDS, current_backend, use_backend
 
 
@@ -255,7 +256,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--amp-dtype", default="auto", choices=AMP_DTYPES)
     p.add_argument("--device", default="auto")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        help="torch.compile the model, in this mode (default: 'default'; 'reduce-overhead' replays CUDA graphs)",
+    )
     p.add_argument("--attention", default="auto", choices=BACKENDS, help="neighborhood-attention backend")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--results-file", help="write the results as JSON here")
@@ -303,7 +310,7 @@ def main(argv=None) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_model(model, args.compile)
     autocast, _ = autocast_and_scaler(args.amp, args.amp_dtype, device)
     attention_backend(args.attention, device)
     print(

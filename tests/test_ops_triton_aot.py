@@ -1,0 +1,108 @@
+"""The Triton kernels compiled ahead of time for GPUs, on machines without one: that they build
+down to the cubin for A100 and H100 in every candidate configuration, and fit the shared memory
+they ask of a device (what the interpreter, which runs the rest of the Triton tests here, cannot
+check). On a machine with a GPU the kernels run instead, and these skip.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from _triton_utils import HAS_TRITON, INTERPRETED
+from dinat.ops import triton_na
+
+FUSED = ("forward", "query", "key")
+ALL_KERNELS = (*FUSED, "dot", "weighted_sum", "scatter")
+# The candidates that ask for the most shared memory: the most pipeline stages (of those, the most
+# warps: the one that compiles fastest; warps leave the pipelined buffers alone) at every size, and
+# the most rows at the sizes that launch several rows (wide float32 runs 1 row: test below). Kernel
+# 13x13 sizes the dk/dv query tile for the widest reach.
+MOST_STAGES = max(triton_na.TILES, key=lambda c: (c.stages, c.warps))
+MOST_ROWS = max(triton_na.TILES, key=lambda c: (c.rows, c.warps))
+SIZES = [(torch.float32, 256), (torch.float32, 128), (torch.float16, 256)]
+SHARED_MEMORY_CASES = [(MOST_STAGES, dtype, dim, kernel) for dtype, dim in SIZES for kernel in [(7, 7), (13, 13)]]
+SHARED_MEMORY_CASES += [(MOST_ROWS, t, dim, (7, 7)) for t, dim in SIZES if not triton_na._is_wide_fp32(t, dim)]
+
+
+@pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
+@pytest.mark.parametrize(
+    "dtype,kernel,head_dim,with_rpb",
+    [
+        (torch.float32, (7, 7), 32, True),
+        (torch.float16, (7, 7), 32, True),
+        (torch.bfloat16, (7, 7), 32, True),
+        (torch.bfloat16, (13, 11), 64, True),
+        (torch.bfloat16, (3, 5), 24, False),
+    ],
+    ids=["f32-k7", "f16-k7", "bf16-k7", "bf16-k13x11-d64", "bf16-k3x5-d24-norpb"],
+)
+def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> None:
+    """Down to the cubin, for A100 and H100, without a GPU: what the interpreter cannot check."""
+    _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, triton_na.TILES[0])
+
+
+@pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", triton_na.TILES[1:], ids=str)
+def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
+    """Every configuration the autotuner may pick compiles for H100 (DiNAT's 7x7, head dim 32; the
+    fused kernels, the ones a configuration changes)."""
+    _assert_compiles(90, dtype, (7, 7), 32, True, tile, FUSED)
+
+
+@pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
+@pytest.mark.parametrize(("tile", "dtype", "head_dim", "kernel"), SHARED_MEMORY_CASES, ids=str)
+def test_the_widest_heads_fit_the_shared_memory_of_an_a100(tile, dtype, head_dim, kernel) -> None:
+    """Triton checks shared memory only at launch. At tile 16 every fused kernel fits an A100's
+    163 KB per block (float32 at head dim 256 did not with 3 pipeline stages: 170 KB), and float32
+    over head dim 128 within what `unavailable_reason` asks of a device, for every kernel size (a
+    dk/dv query tile sized for the widest kernels' reach needed 172 KB at 13x13)."""
+    compiled = triton_na.compile_for_cuda(80, dtype, kernel, head_dim, True, tile, FUSED)
+    limit = triton_na._WIDE_FP32_SHARED_BYTES if triton_na._is_wide_fp32(dtype, head_dim) else 166912
+    for name in FUSED:
+        assert compiled[name].metadata.shared <= limit, name
+
+
+def test_wide_float32_launches_within_the_shared_memory_it_asks_for() -> None:
+    """float32 over head dim 128 launches at most 2 stages of 1-row programs (2 rows: 106624 bytes
+    for the forward, over the _WIDE_FP32_SHARED_BYTES a device must have); other dtypes and head
+    dims every candidate."""
+    capped = triton_na._wide_fp32_capped(triton_na.TILES, True)
+    assert capped and all(c.stages <= 2 and c.rows == 1 for c in capped)
+    others = lambda configs: {(c.tile, c.warps, c.max_registers) for c in configs}  # noqa: E731
+    assert others(capped) == others(triton_na.TILES)
+    assert triton_na._wide_fp32_capped(triton_na.TILES, False) == triton_na.TILES
+    assert triton_na._is_wide_fp32(torch.float32, 129) and not triton_na._is_wide_fp32(torch.bfloat16, 256)
+
+
+@pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="device properties of a CUDA tensor")
+def test_wide_float32_heads_go_elsewhere_on_gpus_with_less_shared_memory(monkeypatch) -> None:
+    """An RTX 30xx/40xx has 99 KB of shared memory per block: float32 over head dim 128 is not for it."""
+    gpu = lambda dtype, dim: SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 9, 9, 2, dim))  # noqa: E731
+    for name, shared, ok in (("NVIDIA A100", 166912, True), ("NVIDIA GeForce RTX 4090", 101376, False)):
+        properties = SimpleNamespace(name=name, shared_memory_per_block_optin=shared)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=properties: p)
+        reason = triton_na.unavailable_reason(gpu(torch.float32, 129))
+        assert (reason == "") == ok and (ok or f"needs 102656 bytes of shared memory per block; {name} has" in reason)
+        assert triton_na.unavailable_reason(gpu(torch.float32, 128)) == ""
+        assert triton_na.unavailable_reason(gpu(torch.bfloat16, 256)) == ""
+
+
+def _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, tile, names=ALL_KERNELS) -> None:
+    compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb, tile, names)
+    assert sorted(compiled) == sorted(names)
+    for kernel_binary in compiled.values():
+        assert kernel_binary.asm["cubin"] and f"sm_{arch}" in kernel_binary.asm["ptx"]

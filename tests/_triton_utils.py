@@ -3,7 +3,8 @@
 On CUDA the compiled kernels are tested. Without CUDA the same tests run in Triton's interpreter:
 each file's ``test_in_triton_interpreter`` re-runs that file in a subprocess with TRITON_INTERPRET=1
 (the interpreter has to be chosen before triton is imported); two files, so that the two pytest
-workers share the (slow) interpreted runs.
+workers share the (slow) interpreted runs, and a third, test_ops_triton_aot.py, that compiles the
+kernels for GPUs ahead of time.
 """
 
 from __future__ import annotations

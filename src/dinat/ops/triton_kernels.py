@@ -83,12 +83,19 @@ def _query_tile(pid_col, width, dil_w, c, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def _row_group(pid_row, height, dil_h, ROWS: tl.constexpr):
+    """Row program ``pid_row``'s row group, that group's length and the program's first place in it
+    (a program owns ROWS consecutive places of one group)."""
+    group = pid_row % dil_h
+    return group, _group_len(height, group, dil_h), (pid_row // dil_h) * ROWS
+
+
+@triton.jit
 def _program_rows(pid_row, height, dil_h, t, ROWS: tl.constexpr, KH: tl.constexpr):
     """Rows ``t`` (of 0..ROWS-1) of a program's ROWS consecutive places of one row group: (row, row
     place, valid, first place of its window of kh key rows)."""
-    group = pid_row % dil_h
-    group_len = _group_len(height, group, dil_h)
-    place = (pid_row // dil_h) * ROWS + t
+    group, group_len, first = _row_group(pid_row, height, dil_h, ROWS)
+    place = first + t
     return group + dil_h * place, place, place < group_len, _window_start(place, group_len, KH)
 
 
@@ -97,9 +104,7 @@ def _attended_rows(pid_row, height, dil_h, ROWS: tl.constexpr, KH: tl.constexpr)
     """The key rows a query program's rows attend: (row group, first key row place, how many). The
     windows of consecutive places start 0 or 1 place apart, so ROWS + KH - 1 rows at most; none for
     a program past its group's end."""
-    group = pid_row % dil_h
-    group_len = _group_len(height, group, dil_h)
-    first = (pid_row // dil_h) * ROWS
+    group, group_len, first = _row_group(pid_row, height, dil_h, ROWS)
     last = tl.minimum(first + ROWS, group_len) - 1
     start = _window_start(first, group_len, KH)
     return group, start, tl.where(first < group_len, _window_start(last, group_len, KH) + KH - start, 0)
@@ -140,9 +145,7 @@ def _reaching_queries(first, last, group_len, KERNEL: tl.constexpr):
 def _reaching_rows(pid_row, height, dil_h, ROWS: tl.constexpr, KH: tl.constexpr):
     """The query rows whose windows reach a key program's ROWS row places: (row group, group length,
     first and last query row place; last < first for a program past its group's end)."""
-    group = pid_row % dil_h
-    group_len = _group_len(height, group, dil_h)
-    first = (pid_row // dil_h) * ROWS
+    group, group_len, first = _row_group(pid_row, height, dil_h, ROWS)
     lo, hi = _reaching_queries(first, tl.minimum(first + ROWS, group_len) - 1, group_len, KH)
     return group, group_len, lo, tl.where(first < group_len, hi, lo - 1)
 

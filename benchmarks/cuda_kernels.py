@@ -33,7 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from dinat.bench import _build, interleaved_medians, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
-from dinat.factory import COMPILE_MODES, compile_model
+from dinat.config import COMPILE_MODES
+from dinat.factory import compile_model
 from dinat.ops import na2d, triton_na
 
 LEVELS = ((56, 2), (28, 4), (14, 8))

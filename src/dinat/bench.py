@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import write_text_atomic
-from .config import ArgumentParser, check_model_name
-from .factory import COMPILE_MODES, compile_model
+from .config import COMPILE_MODES, ArgumentParser, check_model_name
+from .factory import compile_model
 from .ops import BACKENDS, cpu, current_backend, na2d, use_backend
 from .validate import attention_backend
 

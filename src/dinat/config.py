@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from .factory import COMPILE_MODES
 from .ops import BACKENDS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,6 +103,7 @@ class Config:
 CONFIG_KEYS = [f.name for f in fields(Config)]
 AMP_DTYPES = ("auto", "float16", "bfloat16")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # The settings that take one of a few names (timm accepts some wrong ones silently, or fails late).
 CHOICES = {
     "sched": ("cosine", "linear", "constant"),

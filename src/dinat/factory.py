@@ -11,6 +11,7 @@ from torch import nn
 
 from . import models
 from .checkpoints import load_checkpoint
+from .config import COMPILE_MODES
 
 
 def create_model(
@@ -37,9 +38,6 @@ def create_model(
     return model
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-
-
 def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     """``torch.compile(model)`` in ``mode``, one of COMPILE_MODES ("reduce-overhead" replays CUDA
     graphs: the step no longer waits on the CPU's kernel launches)."""
@@ -53,4 +51,4 @@ def list_models() -> list[str]:
     return list(models.MODEL_NAMES)
 
 
-__all__ = ["COMPILE_MODES", "compile_model", "create_model", "list_models"]
+__all__ = ["compile_model", "create_model", "list_models"]

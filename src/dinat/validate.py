@@ -30,8 +30,17 @@ from .checkpoints import (
     unwrap_state_dict,
     write_text_atomic,
 )
-from .config import AMP_DTYPES, INTERPOLATIONS, ArgumentParser, Config, ConfigError, check_model_name, make_config
-from .factory import COMPILE_MODES, compile_model
+from .config import (
+    AMP_DTYPES,
+    COMPILE_MODES,
+    INTERPOLATIONS,
+    ArgumentParser,
+    Config,
+    ConfigError,
+    check_model_name,
+    make_config,
+)
+from .factory import compile_model
 from .ops import BACKENDS, current_backend, use_backend
 
 

@@ -31,20 +31,15 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dinat.bench import _build, interleaved_medians, training_step, window_attention
+from dinat.bench import _build, interleaved_medians, to_device, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
 from dinat.config import COMPILE_MODES
 from dinat.factory import compile_model
 from dinat.ops import na2d, triton_na
 
 LEVELS = ((56, 2), (28, 4), (14, 8))
-# the autotuner's candidates, and some beyond them that were slower on an H200 (4 rows, 2 warps at 1
-# row) or on an H100 (tile 32, 8 warps, 1 or 4 stages): BENCHMARKS.md
-CONFIGS = triton_na.TILES + (
-    triton_na.TileConfig(16, 2, 2),
-    triton_na.TileConfig(16, 4, 2, rows=4),
-    triton_na.TileConfig(16, 4, 2, rows=4, max_registers=128),
-)
+# the autotuner's candidates (those slower on an H200 or an H100 before: BENCHMARKS.md)
+CONFIGS = triton_na.TILES
 
 
 def _label(config: dict) -> str:
@@ -59,8 +54,9 @@ def bench_ms(fn, grad_to_none=None) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none)
 
 
-def cuda_kernel_table(fn, steps: int, top: int) -> tuple[list[dict], float]:
-    """(the top kernels of ``steps`` calls of fn by CUDA time, ms per call; total CUDA ms per call)."""
+def cuda_kernel_table(fn, steps: int, top: int | None = None) -> tuple[list[dict], float]:
+    """(the top kernels (all without ``top``) of ``steps`` calls of fn by CUDA time, ms per call;
+    total CUDA ms per call)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -71,7 +67,7 @@ def cuda_kernel_table(fn, steps: int, top: int) -> tuple[list[dict], float]:
     total = sum(e.self_device_time_total for e in events) / 1e3 / steps
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     rows = [
-        {"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3 / steps, "calls": e.count // steps}
+        {"kernel": e.key[:160], "ms": e.self_device_time_total / 1e3 / steps, "calls": e.count // steps}
         for e in events[:top]
     ]
     return rows, total
@@ -152,14 +148,14 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
 
 def _model(name: str, compile_mode: str | None) -> torch.nn.Module:
     """Model ``name`` on CUDA in training mode, compiled in ``compile_mode`` if given."""
-    model = _build(name).cuda().train()
+    model = to_device(_build(name), torch.device("cuda")).train()
     return compile_model(model, compile_mode) if compile_mode else model
 
 
 def model_profile(name: str, batch: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:
     torch.manual_seed(0)
     model = _model(name, compile_mode)
-    images = torch.randn(batch, 3, 224, 224, device="cuda")
+    images = to_device(torch.randn(batch, 3, 224, 224), torch.device("cuda"))
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
     step = training_step(model, images, targets, dict(device_type="cuda", dtype=dtype))  # the bench's step
 
@@ -179,13 +175,22 @@ def model_profile(name: str, batch: int, dtype: torch.dtype, compile_mode: str |
         torch.cuda.synchronize()
         synced.append(time.perf_counter() - start)
     synced_ms = sorted(synced)[2] * 1e3
-    kernels, gpu = cuda_kernel_table(step, 3, 25)
+    kernels, gpu = cuda_kernel_table(step, 3)
+    compiled = dict(torch._dynamo.utils.counters["stats"]) | {
+        "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values())
+    }
     print(f"{name}: wall {wall * 1e3:.1f} ms/step, synchronized {synced_ms:.1f} ms, GPU {gpu:.1f} ms, "
-          f"CPU issue {launched * 1e3:.1f} ms", flush=True)  # fmt: skip
-    for kernel in kernels:
-        print(f"  {kernel['ms']:7.3f} ms  x{kernel['calls']:<4} {kernel['kernel']}")
+          f"CPU issue {launched * 1e3:.1f} ms; torch.compile so far: {compiled}", flush=True)  # fmt: skip
+    for kernel in kernels[:40]:
+        print(f"  {kernel['ms']:7.3f} ms  x{kernel['calls']:<4} {kernel['kernel'][:110]}")
+    picks = [p for p in triton_na.autotuned() if p["dtype"] != "torch.float32"]  # the models' (autocast)
+    for p in picks:
+        config = f"{p['tile']}/{p['rows']}/{p['num_warps']}/{p['num_stages']}" + (
+            f"/r{p['max_registers']}" if p["max_registers"] else ""
+        )
+        print(f"  autotuner: {p['kernel']} {p['height']}x{p['width']} h{p['heads']} d{p['dil_h']}: {config}")
     return {"model": name, "wall_ms": wall * 1e3, "synchronized_ms": synced_ms, "gpu_ms": gpu,
-            "issue_ms": launched * 1e3, "kernels": kernels}  # fmt: skip
+            "issue_ms": launched * 1e3, "compiled": compiled, "kernels": kernels}  # fmt: skip
 
 
 def side_by_side(names: tuple[str, ...], batch: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:
@@ -193,7 +198,7 @@ def side_by_side(names: tuple[str, ...], batch: int, dtype: torch.dtype, compile
     (bench.interleaved_medians: round-robin samples of pipelined steps): beside model_profile's
     figures, this tells the bench's way of timing from what ran before it in the bench's process."""
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, 224, 224, device="cuda")
+    images = to_device(torch.randn(batch, 3, 224, 224), torch.device("cuda"))
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
     autocast = dict(device_type="cuda", dtype=dtype)
     steps = {name: training_step(_model(name, compile_mode), images, targets, autocast) for name in names}

@@ -146,9 +146,9 @@ CONFIGS_TO_RUN = triton_na.TILES if DEVICE.type == "cuda" else FIRST_OF_EACH_TIL
 TILED_SHAPES = [((1, 5, 70, 1, 16), (3, 7), (1, 1)), ((1, 9, 45, 2, 8), (3, 5), (2, 3))]
 
 
-# tile 32 and 4 rows are no candidates (slower on an H100 and an H200), but the kernels take any tile
-# and row count, and the rpb gradient's slots any tile: alone, and mixed with the first candidate
-# (some slots then stay unwritten and must be zeros)
+# tile 32, and tile 16 with 4 rows, are no candidates (slower on an H100 and an H200), but the kernels
+# take any tile and row count, and the rpb gradient's slots any tile: alone, and mixed with the first
+# candidate (some slots then stay unwritten and must be zeros)
 TILE_32 = triton_na.TileConfig(32, 4, 3)
 ROWS_4 = triton_na.TileConfig(16, 4, 2, rows=4)
 TILE_SETS = [(tile,) for tile in CONFIGS_TO_RUN] + [

@@ -64,6 +64,18 @@ def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
     INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
     reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
 )
+@pytest.mark.parametrize("name", FUSED)
+def test_programs_of_fewer_than_16_places_are_refused(name) -> None:
+    """tl.dot needs 16 rows: a program of one row of 8 places fails to compile, and says why."""
+    with pytest.raises(Exception, match=r"ROWS \* tile >= 16"):
+        triton_na.compile_for_cuda(90, torch.bfloat16, (7, 7), 32, True, triton_na.TileConfig(8, 1, 2), (name,))
+    assert all(c.tile * c.rows >= triton_na._DOT_ROWS for c in triton_na.TILES)
+
+
+@pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
 @pytest.mark.parametrize(("tile", "dtype", "head_dim", "kernel"), SHARED_MEMORY_CASES, ids=str)
 def test_the_widest_heads_fit_the_shared_memory_of_an_a100(tile, dtype, head_dim, kernel) -> None:
     """Triton checks shared memory only at launch. At tile 16 every fused kernel fits an A100's
@@ -78,12 +90,13 @@ def test_the_widest_heads_fit_the_shared_memory_of_an_a100(tile, dtype, head_dim
 
 def test_wide_float32_launches_within_the_shared_memory_it_asks_for() -> None:
     """float32 over head dim 128 launches at most 2 stages of 1-row programs (2 rows: 106624 bytes
-    for the forward, over the _WIDE_FP32_SHARED_BYTES a device must have); other dtypes and head
-    dims every candidate."""
+    for the forward, over the _WIDE_FP32_SHARED_BYTES a device must have), of tile 16 at least (one
+    row of tile 8 is too few queries for tl.dot); other dtypes and head dims every candidate."""
     capped = triton_na._wide_fp32_capped(triton_na.TILES, True)
-    assert capped and all(c.stages <= 2 and c.rows == 1 for c in capped)
-    others = lambda configs: {(c.tile, c.warps, c.max_registers) for c in configs}  # noqa: E731
+    assert capped and all(c.stages <= 2 and c.rows == 1 and c.tile >= 16 for c in capped)
+    others = lambda configs: {(c.warps, c.max_registers) for c in configs}  # noqa: E731
     assert others(capped) == others(triton_na.TILES)
+    assert len(set(capped)) == len(capped)
     assert triton_na._wide_fp32_capped(triton_na.TILES, False) == triton_na.TILES
     assert triton_na._is_wide_fp32(torch.float32, 129) and not triton_na._is_wide_fp32(torch.bfloat16, 256)
 

@@ -189,6 +189,7 @@ def na2d_forward_kernel(
     KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    tl.static_assert(ROWS * BLOCK_M >= 16, "tl.dot needs 16 queries per program: ROWS * tile >= 16")
     pid_bn = tl.program_id(0)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
     (cols, place, _, _, key_place, key_cols, key_valid, in_cols, rows, row_place, row_valid, row_start,
@@ -251,6 +252,7 @@ def na2d_backward_query_kernel(
     smallest tile, so any tile fits); the rows are the query row's kh key rows, the caller maps them
     to rpb rows and sums over the rest (deterministic, no atomics).
     """
+    tl.static_assert(ROWS * BLOCK_M >= 16, "tl.dot needs 16 queries per program: ROWS * tile >= 16")
     pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
     (cols, place, start, key_first, key_place, key_cols, key_valid, in_cols, rows, row_place, row_valid, row_start,
@@ -318,6 +320,7 @@ def na2d_backward_key_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dk and dv (contiguous like k) for BLOCK_N key places of ROWS rows of one row and column group."""
+    tl.static_assert(ROWS * BLOCK_N >= 16, "tl.dot needs 16 keys per program: ROWS * tile >= 16")
     pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
     tok = tl.arange(0, ROWS * BLOCK_N)  # the program's keys, row by row

@@ -56,29 +56,35 @@ class TileConfig(NamedTuple):
 
 
 # Per query and key row a program computes as many logits as the tile's key span (32 at tile 16 with
-# kw=7): the kernels are latency-bound (their products are tiny; tile 32 was 1.3-2.6x slower than
-# 16 for every kernel on an H100). A program of one row loads each key row (for dk/dv, each query
-# row) once for each of the kh rows that need it; programs of ROWS rows load each
-# (ROWS + kh - 1) / (ROWS * kh) as often, for (ROWS + kh - 1) / kh times the products.
+# kw=7, 16 at tile 8): the kernels are latency-bound (their products are tiny; tile 32 was 1.3-2.6x
+# slower than 16 for every kernel on an H100), so the logits they compute and then mask count. A
+# program of one row loads each key row (for dk/dv, each query row) once for each of the kh rows
+# that need it; programs of ROWS rows load each (ROWS + kh - 1) / (ROWS * kh) as often, for
+# (ROWS + kh - 1) / kh times the products. tl.dot needs 16 rows (_DOT_ROWS), so tile 8 runs 2 rows
+# or more: at kw=7 that is 128 logits per query (8 key rows of 16) against tile 16's 224 (7 of 32).
 # The candidates, from benchmarks/cuda_kernels.py on an H200 (bf16, batch 128, DiNAT-Mini's d1
-# levels 56x56, 28x28, 14x14; each kernel forced to each configuration, BENCHMARKS.md):
-# - forward: 2 rows won at every level (0.492, 0.286, 0.130 ms against 0.528, 0.298, 0.186 for
-#   the best of 1 row): 1 warp at 56x56, 2 warps at 28x28, 2 warps with 128 registers at 14x14;
-# - backward, dq or dk/dv forced: 1 row and 1 warp won, or came within 1% (2 rows: dk/dv 5-10%
-#   slower; 4 rows: 4-33% slower for either kernel);
-# - 4 warps at 1 row (the first candidate before) was 4-65% slower than the best for every kernel
-#   there; it stays a candidate for other GPUs (it was the fastest dk/dv at 14x14 on an H100).
+# levels 56x56, 28x28, 14x14; BENCHMARKS.md):
+# - tile 8 won every kernel at every level: 2 rows and 1 warp for the forward (4 rows at 28x28) and
+#   dq, 2 rows and 2 warps for dk/dv. In dinat_mini's training step the three kernels took 4.0 ms
+#   against 7.0 ms for the best of tile 16 (forward 0.87 against 1.86, dq 1.26 against 2.55, dk/dv
+#   1.89 against 2.54);
+# - tile 16 stays for kernels wider than 9 (tile 8's key span is then 32, as tile 16's, for half the
+#   queries) and other GPUs: of 1 row, 1 warp won dq and dk/dv at kw=7 on the H200; of 2 rows, the
+#   forward; 4 warps at 1 row was the fastest dk/dv at 14x14 on an H100.
 # Triton's autotuner times each at the first launch of every shape and keeps the fastest (so run a
 # shape once before capturing it in a CUDA graph, as torch.compile's "reduce-overhead" mode does);
 # see _tile_configs for when the first is used alone.
 TILES: tuple[TileConfig, ...] = (
+    TileConfig(8, 1, 2, rows=2),
+    TileConfig(8, 2, 2, rows=2),
+    TileConfig(8, 1, 2, rows=4),
     TileConfig(16, 1, 2),
-    TileConfig(16, 2, 2, rows=2, max_registers=128),
     TileConfig(16, 1, 3),
-    TileConfig(16, 1, 2, rows=2),
     TileConfig(16, 2, 2, rows=2),
+    TileConfig(16, 2, 2, rows=2, max_registers=128),
     TileConfig(16, 4, 3),
 )
+_DOT_ROWS = 16  # tl.dot's smallest operand: a program's tile * rows must reach it (the kernels assert it)
 _BLOCK, _WARPS = 16, 4  # the primitives' fixed configuration
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
 
@@ -224,10 +230,12 @@ def _configs_for(dtype: torch.dtype, head_dim: int) -> tuple[TileConfig, ...]:
 @functools.cache
 def _wide_fp32_capped(configs: tuple[TileConfig, ...], wide_fp32: bool) -> tuple[TileConfig, ...]:
     """``configs``, for wide float32 with at most _WIDE_FP32_STAGES pipeline stages and 1 row per
-    program, which keeps every kernel within _WIDE_FP32_SHARED_BYTES (duplicates dropped)."""
+    program (of _DOT_ROWS places at least), which keeps every kernel within _WIDE_FP32_SHARED_BYTES
+    (duplicates dropped)."""
     if not wide_fp32:
         return configs
-    return tuple(dict.fromkeys(c._replace(stages=min(c.stages, _WIDE_FP32_STAGES), rows=1) for c in configs))
+    capped = (c._replace(tile=max(c.tile, _DOT_ROWS), stages=min(c.stages, _WIDE_FP32_STAGES), rows=1) for c in configs)
+    return tuple(dict.fromkeys(capped))
 
 
 @functools.cache

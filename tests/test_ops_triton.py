@@ -157,11 +157,19 @@ TILE_SETS = [(tile,) for tile in CONFIGS_TO_RUN] + [
     (TILE_32, triton_na.TILES[0]),
     (ROWS_4,),
 ]
+# every set on both shapes, but in the interpreter (the slowest tests of the suite there) the sets
+# of several configurations, which each shape's first launch runs once per configuration, on the
+# first shape only
+TILE_CASES = [
+    pytest.param(configs, *case, id=f"{configs}-{name}")
+    for configs in TILE_SETS
+    for name, case in zip(("w70", "w45-d2x3"), TILED_SHAPES)
+    if len(configs) == 1 or DEVICE.type == "cuda" or name == "w70"
+]
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape,kernel,dilation", TILED_SHAPES, ids=["w70", "w45-d2x3"])
-@pytest.mark.parametrize("configs", TILE_SETS, ids=str)
+@pytest.mark.parametrize("configs,shape,kernel,dilation", TILE_CASES)
 def test_every_tile_matches_reference(tile_configs, configs, shape, kernel, dilation) -> None:
     """Each configuration alone, and the autotuner's pick among all: forward and every gradient
     (the rpb gradient's partial sums depend on the tile) against the float64 reference."""

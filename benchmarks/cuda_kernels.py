@@ -224,6 +224,7 @@ def main() -> None:
     if args.skip_configs:
         CONFIGS = triton_na.TILES[:1]
     dtype = torch.bfloat16
+    torch.backends.cudnn.benchmark = True  # as `dinat train` and `dinat bench`
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     models = () if args.skip_models else ("dinat_mini", "swin_tiny_patch4_window7_224")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -616,6 +616,29 @@ def test_deterministic_mode_sets_the_cublas_workspace(monkeypatch):
         torch.backends.cudnn.benchmark = before[1]
 
 
+def test_cudnn_picks_the_fastest_convolutions_unless_deterministic(monkeypatch, tmp_path):
+    """As timm's train script: cuDNN's benchmark mode (it times its algorithms once per convolution
+    shape and keeps the fastest), but not under --deterministic."""
+
+    class DataReached(Exception):
+        pass
+
+    def no_data(cfg):
+        raise DataReached
+
+    monkeypatch.setattr(train, "build_datasets", no_data)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    before = torch.are_deterministic_algorithms_enabled()
+    for flags, expected in (([], True), (["--deterministic"], False)):
+        torch.backends.cudnn.benchmark = not expected
+        try:
+            with pytest.raises(DataReached):
+                train.main([str(tmp_path), *TINY, "--output", str(tmp_path / f"run{len(flags)}"), *flags])
+        finally:
+            torch.use_deterministic_algorithms(before)
+        assert torch.backends.cudnn.benchmark is expected
+
+
 def test_classes_of_model_and_data_must_agree(trained, tmp_path, capsys):
     """validate refuses a checkpoint whose classifier is for another number of classes (a new, random
     head would report chance accuracy); train and validate refuse a head smaller than the labels."""

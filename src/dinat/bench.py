@@ -231,6 +231,7 @@ def model_rows(
     in ``@backend`` (``dinat_mini@flex``) to run that entry's attention on another backend;
     ``compile_mode`` (one of COMPILE_MODES) compiles every model for the img/s columns."""
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as `dinat train`: the fastest algorithm per convolution shape
     parsed = {name: (name.partition("@")[0], name.partition("@")[2] or backend) for name in names}
     built = {name: to_device(_build(model_name), device) for name, (model_name, _) in parsed.items()}
     if compile_mode:  # throughput of the compiled models; the memory column stays eager

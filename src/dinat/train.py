@@ -382,6 +382,8 @@ def _train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.deterministic:
         make_deterministic()
+    else:  # as timm's scripts: cuDNN times its algorithms once per convolution shape, keeps the fastest
+        torch.backends.cudnn.benchmark = True
     log = tqdm.write if main_process else (lambda *a, **k: None)
 
     # -- data ------------------------------------------------------------------------------------

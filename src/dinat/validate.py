@@ -299,6 +299,7 @@ def main(argv=None) -> dict:
     cfg = make_config({**settings, "val_split": args.split})
     dataset, data_classes = build_eval_dataset(cfg)
     device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = True  # as timm's validate.py: the fastest algorithm per convolution shape
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_model(

@@ -36,9 +36,8 @@ CUDA_TESTS := tests/test_ops_golden.py tests/test_ops_grouped.py tests/test_ops_
 bench: $(STAMP)
 	$(if $(filter 1,$(HAS_CUDA)),$(PY) $(CUDA_BENCH),$(PY) -m dinat.cli bench --output bench_results)
 
-# The CUDA op tests, the training steps' kernel profiles, and the CUDA figures, eager and with CUDA
-# graphs (benchmarks/cuda_check.sh; on the device machine, without the venv: the command in
-# BENCHMARKS.md, "GPU").
+# The CUDA op tests and the CUDA figures, eager and with CUDA graphs (benchmarks/cuda_check.sh; on
+# the device machine, without the venv: the command in BENCHMARKS.md, "GPU").
 bench-cuda: $(STAMP)
 	NO_LIMITS=1 CUDA_TESTS="$(CUDA_TESTS)" benchmarks/cuda_check.sh bench_results/cuda $(PY)
 

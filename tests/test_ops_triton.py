@@ -83,13 +83,15 @@ def test_golden_cases(case: dict) -> None:
 
 
 # (B, H, W, heads, D), kernel, dilation, rpb: borders on both axes, dilation groups of unequal
-# length, rows longer than a tile, head dims that are not powers of two.
+# length, rows longer than a tile, head dims that are not powers of two, and float32 over head dim
+# 128 (1 row of tile 16 where the first candidate is tile 8, with slots of the rpb gradient for it).
 SHAPES = [
     ((2, 9, 11, 2, 16), (3, 3), (1, 1), True),
     ((1, 12, 13, 2, 16), (5, 3), (2, 3), True),
     ((2, 10, 17, 1, 20), (3, 7), (3, 2), False),
     ((1, 7, 40, 1, 24), (7, 5), (1, 2), True),
     ((1, 21, 9, 3, 8), (3, 9), (5, 1), True),
+    ((1, 6, 20, 1, 136), (3, 5), (1, 1), True),
 ]
 
 
@@ -115,6 +117,8 @@ def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
 
     qkv32 = qkv.float().to(DEVICE).requires_grad_()
     rpb32 = None if rpb is None else rpb.float().to(DEVICE).requires_grad_()
+    if triton_na.unavailable_reason(qkv32):  # wide float32 on a GPU with less shared memory
+        pytest.skip(triton_na.unavailable_reason(qkv32))
     out = _fused(*qkv32.unbind(3), kernel, dilation, rpb32, scale, "triton")
     # the incoming gradient in another memory layout (heads-first storage), as a permute upstream makes it
     heads_first = grad_out.float().to(DEVICE).permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
@@ -123,6 +127,19 @@ def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
     torch.testing.assert_close(qkv32.grad.cpu().double(), qkv64.grad, rtol=1e-5, atol=1e-5)
     if rpb is not None:
         torch.testing.assert_close(rpb32.grad.cpu().double(), rpb64.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton installed")
+def test_rpb_partial_sums_have_a_slot_for_every_program_launched(monkeypatch) -> None:
+    """The partial sums' slots follow the tiles a launch may use for q's dtype and head dim: wide
+    float32 runs tile 16 where the first candidate is tile 8, and with one candidate the slots are
+    not zeroed, so each must be a program's."""
+    monkeypatch.setattr(triton_na, "_tile_configs", lambda: triton_na.TILES[:1])
+    for dtype, dim in ((torch.float32, 136), (torch.float32, 32), (torch.bfloat16, 256)):
+        q = torch.empty(1, 9, 40, 1, dim, dtype=dtype)
+        launched = {c.tile for c in triton_na._configs_for(dtype, dim)}
+        tiles, slots = triton_na._tiles_and_slots(q, [1, 1])
+        assert tiles == launched and slots == triton_na._grid(q, [1, 1], min(launched))[2], (dtype, dim)
 
 
 @pytest.fixture

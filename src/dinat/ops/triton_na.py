@@ -417,10 +417,10 @@ _cached_bias_rows = functools.lru_cache(maxsize=64)(_bias_rows)
 
 
 def _tiles_and_slots(q: Tensor, dilation: list[int]) -> tuple[set[int], int]:
-    """The tile sizes the autotuner may launch, and the column slots of q's rpb-gradient partial
-    sums: one per column program of the smallest tile (each program writes its own). (The tiles
-    do not depend on q's dtype and head dim, which cap only the stages: see _configs_for.)"""
-    tiles = {config.tile for config in _tile_configs()}
+    """The tile sizes the autotuner may launch for q (wide float32 launches tile 16 at least: see
+    _configs_for), and the column slots of q's rpb-gradient partial sums: one per column program of
+    the smallest tile (each program writes its own)."""
+    tiles = {config.tile for config in _configs_for(q.dtype, q.shape[-1])}
     return tiles, _grid(q, dilation, min(tiles))[2]
 
 

@@ -129,6 +129,27 @@ def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
         torch.testing.assert_close(rpb32.grad.cpu().double(), rpb64.grad, rtol=1e-5, atol=1e-4)
 
 
+@needs_kernels
+def test_compiled_with_dynamic_shapes_then_eager() -> None:
+    """torch.compile(dynamic=True) traces the fake implementations with a symbolic head dim; the
+    compiled call and the eager ones after it agree (a symbolic boolean once went into a cache and
+    broke every later float32 call)."""
+    kernel, dilation = (3, 3), (1, 1)
+    qkv, rpb = _inputs((1, 7, 9, 1, 16), kernel, True, dtype=torch.float32)
+
+    def attend(qkv, rpb):
+        return _fused(*qkv.unbind(3), kernel, dilation, rpb, 0.3, "triton")
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager"), attend):
+        leaves = [t.to(DEVICE).requires_grad_() for t in (qkv, rpb)]
+        out = fn(*leaves)
+        results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton installed")
 def test_rpb_partial_sums_have_a_slot_for_every_program_launched(monkeypatch) -> None:
     """The partial sums' slots follow the tiles a launch may use for q's dtype and head dim: wide

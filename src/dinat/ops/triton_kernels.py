@@ -22,7 +22,7 @@ needed by kh query rows): (ROWS + kh - 1) / (ROWS * kh) as many loads as ROWS = 
 The key-side backward mirrors it: a program owns BLOCK_N key places of one column group in ROWS row
 places, and visits every query row that attends one of its key rows (ROWS + kh - 1 of them inside
 the image, more at the borders), with query tiles covering the queries whose windows reach its keys
-(one, for DiNAT's kernel sizes), in one loop over (query row, query tile) that Triton pipelines.
+(one or two: see _key_columns), in one loop over (query row, query tile) that Triton pipelines.
 
 The unfused ops' three primitives (dot, weighted sum, scatter) at the end reuse the same tiles.
 """
@@ -153,10 +153,11 @@ def _reaching_rows(pid_row, height, dil_h, ROWS: tl.constexpr, KH: tl.constexpr)
 @triton.jit
 def _key_columns(pid_col, width, dil_w, c, BLOCK_N: tl.constexpr, KW: tl.constexpr):
     """Places ``c`` (of 0..BLOCK_N-1) of a key program's BLOCK_N places of one column group, and
-    the query places that reach them: BLOCK_N + KW - 1 places inside the group, up to
-    BLOCK_N + KW - 1 + KW // 2 at a border when BLOCK_N >= KW (a clamped window reaches further),
-    so one tile of BLOCK_M = next_pow2(BLOCK_N + KW - 1) places covers them for kernels up to 11
-    wide at BLOCK_N 16, and two tiles otherwise.
+    the query places that reach them: BLOCK_N + KW - 1 places inside the group, more at a border,
+    where a clamped window reaches further (up to the whole group when one program's keys are near
+    both borders). The kernels cover them with as many tiles of BLOCK_M = next_pow2(BLOCK_N + KW - 1)
+    places as the range needs: one inside the group, sometimes two at a border (tile 8 at kw=7:
+    17 places when the group ends 14 places after the program's first).
 
     Returns (column group, group length, key places, key valid, query place range lo/hi).
     """

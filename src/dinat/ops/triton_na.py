@@ -130,7 +130,9 @@ def unavailable_reason(x: Tensor | None = None) -> str:
 
 
 def _is_wide_fp32(dtype: torch.dtype, head_dim: int) -> bool:
-    return dtype == torch.float32 and head_dim > _WIDE_FP32_HEAD_DIM
+    # bool(): under torch.compile with dynamic shapes the head dim is symbolic, and a symbolic
+    # boolean as a key of _wide_fp32_capped's cache breaks every later lookup
+    return dtype == torch.float32 and bool(head_dim > _WIDE_FP32_HEAD_DIM)
 
 
 def available(x: Tensor | None = None) -> bool:

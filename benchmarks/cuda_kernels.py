@@ -186,9 +186,7 @@ def model_profile(name: str, batch: int, dtype: torch.dtype, compile_mode: str |
         print(f"  {kernel['ms']:7.3f} ms  x{kernel['calls']:<4} {kernel['kernel'][:110]}")
     picks = [p for p in triton_na.autotuned() if p["dtype"] != "torch.float32"]  # the models' (autocast)
     for p in picks:
-        config = f"{p['tile']}/{p['rows']}/{p['num_warps']}/{p['num_stages']}" + (
-            f"/r{p['max_registers']}" if p["max_registers"] else ""
-        )
+        config = _label({**p, "warps": p["num_warps"], "stages": p["num_stages"]})
         print(f"  autotuner: {p['kernel']} {p['height']}x{p['width']} h{p['heads']} d{p['dil_h']}: {config}")
     return {"model": name, "wall_ms": wall * 1e3, "synchronized_ms": synced_ms, "gpu_ms": gpu,
             "issue_ms": launched * 1e3, "compiled": compiled, "kernels": kernels}  # fmt: skip

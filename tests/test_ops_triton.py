@@ -141,13 +141,17 @@ def test_compiled_with_dynamic_shapes_then_eager() -> None:
         return _fused(*qkv.unbind(3), kernel, dilation, rpb, 0.3, "triton")
 
     torch._dynamo.reset()
-    results = []
-    for fn in (torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager"), attend):
-        leaves = [t.to(DEVICE).requires_grad_() for t in (qkv, rpb)]
-        out = fn(*leaves)
-        results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
-    for compiled, eager in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    compiled = _output_and_gradients(torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager"), qkv, rpb)
+    for got, expected in zip(compiled, _output_and_gradients(attend, qkv, rpb)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def _output_and_gradients(fn, *inputs) -> list[torch.Tensor]:
+    """fn's output on ``inputs`` (copied to DEVICE as leaves), and the leaves' gradients of the
+    sum of its squares."""
+    leaves = [t.to(DEVICE).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return [out, *torch.autograd.grad(out.square().sum(), leaves)]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton installed")
@@ -376,12 +380,9 @@ def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
     triton_na._cached_bias_rows.cache_clear()
     results, cache_calls = [], []
     for fn in (attend, torch.compile(attend, fullgraph=True, backend=recording_aot_eager)):
-        leaves = [t.to(DEVICE).requires_grad_() for t in (qkv, rpb)]
-        out = fn(*leaves)
-        results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+        results.append(_output_and_gradients(fn, qkv, rpb))
         cache_calls.append(triton_na._cached_bias_rows.cache_info()[:2])  # (hits, misses)
-        if fn is attend:
-            assert type(out.grad_fn).__name__ == "_EagerNA2dBackward"
+    assert type(results[0][0].grad_fn).__name__ == "_EagerNA2dBackward"
     assert f"dinat.na2d_triton_v{triton_na._OPS_VERSION}.default" in traced
     assert cache_calls == [(0, 1), (0, 1)], cache_calls
     for eager, compiled in zip(*results):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one bounded run (at most 535 s of steps: with an install, one 10-minute call):
+# Issue 6's GPU checks in one bounded run (at most 575 s of steps; with an install, STEPS to split it):
 #   1. the Triton op tests (each launch configuration is tested by itself, so the rest run on the
 #      first one, without autotuning);
 #   2. `dinat bench` on CUDA, eager: the op at every DiNAT-Mini level against window attention, and
@@ -8,7 +8,8 @@
 # The kernel profiles of the steps are benchmarks/cuda_kernels.py's (--compile reduce-overhead for
 # the compiled ones), run on their own: with the compilation they take a call of their own.
 # Each step has its own time limit, so the later figures come back even if an earlier step runs long
-# (NO_LIMITS=1 lifts them, as `make bench-cuda` does).
+# (NO_LIMITS=1 lifts them, as `make bench-cuda` does). STEPS="tests eager" (say) runs some of them:
+# with a fresh install the three take a whole 10-minute call.
 # usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]   (CUDA_TESTS="..." to test other files)
 set -u
 out=${1:?usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]}
@@ -18,21 +19,23 @@ models="dinat_mini swin_tiny_patch4_window7_224"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
+steps=" ${STEPS:-tests eager cudagraphs} "
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to OUTPUT_DIR/NAME.log
     local name=$1 limit=$2
     shift 2
+    [[ $steps == *" $name "* ]] || return 1
     if [ "${NO_LIMITS:-0}" = 1 ]; then "$@"; else timeout "$limit" "$@"; fi >"$out/$name.log" 2>&1
     echo "== $name: exit $?"
 }
 
 # shellcheck disable=SC2086  # the test list and models are word lists
-step tests 200 env DINAT_TRITON_AUTOTUNE=0 $py -m pytest -q -p no:cacheprovider $tests
-tail -3 "$out/tests.log"
+step tests 240 env DINAT_TRITON_AUTOTUNE=0 $py -m pytest -q -p no:cacheprovider --durations=10 $tests &&
+    tail -15 "$out/tests.log"
 # shellcheck disable=SC2086
 step eager 125 $py -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128 --repeats 20 --no-reference \
-    --models $models --output "$out/eager"
-grep -E "^(shape|model|[0-9]+x[0-9]+ |dinat|swin)" "$out/eager.log" | grep -v "^  "
+    --models $models --output "$out/eager" &&
+    grep -E "^(shape|model|[0-9]+x[0-9]+ |dinat|swin)" "$out/eager.log" | grep -v "^  "
 # shellcheck disable=SC2086
 step cudagraphs 210 $py -m dinat.cli bench --suite model --compile reduce-overhead --device cuda --dtype bfloat16 \
-    --batch 128 --repeats 10 --models $models --output "$out/cudagraphs"
-grep -E "^(model|dinat|swin)" "$out/cudagraphs.log"
+    --batch 128 --repeats 10 --models $models --output "$out/cudagraphs" &&
+    grep -E "^(model|dinat|swin)" "$out/cudagraphs.log"

@@ -8,7 +8,19 @@ import re
 import pytest
 import torch
 
-from dinat.ops import cpu, current_backend, flex, grouped, na2d, na2d_av, na2d_qk, reference, use_backend
+from conftest import cpu_backends
+from dinat.ops import (
+    cpu,
+    current_backend,
+    flex,
+    grouped,
+    na2d,
+    na2d_av,
+    na2d_qk,
+    na2d_qkvpacked,
+    reference,
+    use_backend,
+)
 
 needs_cpu_flex = pytest.mark.skipif(not flex.available(torch.empty(0)), reason="flex_attention cannot run on this CPU")
 needs_cpu_kernels = pytest.mark.skipif(not cpu.available(), reason=f"cpu backend: {cpu.unavailable_reason()}")
@@ -123,6 +135,26 @@ def test_gradient_of_one_input_alone(op: str, which: int) -> None:
     want = _derivatives("reference", fn, inputs, which)
     for name, g, w in zip(("first", "second", "plain"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape", [(2, 9, 10, 2, 3), (1, 6, 10, 2, 3)], ids=["general", "whole-windows"])
+def test_packed_qkv_is_na2d_of_its_slices(backend: str, shape: tuple) -> None:
+    """na2d_qkvpacked(qkv) == na2d(*qkv.unbind(3)), output and gradients (of qkv and rpb), on the
+    general kernels and on maps of whole windows (3 x 5 kernel, dilation 2 x 2 on 6 x 10)."""
+    b, h, w, heads, d = shape
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(b, h, w, 3, heads, d, generator=gen)
+    rpb = torch.randn(heads, 5, 9, generator=gen)
+    dilation = DILATION if h == 9 else (2, 2)
+    results = []
+    for attend in (na2d_qkvpacked, lambda qkv, *args: na2d(*qkv.unbind(3), *args)):
+        leaves = [t.clone().requires_grad_() for t in (qkv, rpb)]
+        with use_backend(backend):
+            out = attend(leaves[0], KERNEL, dilation, leaves[1], 0.6)
+        results.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+    for name, got, want in zip(("out", "grad_qkv", "grad_rpb"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
 
 
 @needs_cpu_flex

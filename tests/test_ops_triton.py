@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 from _triton_utils import (
     DEVICE,
@@ -25,7 +27,7 @@ from _triton_utils import (
 )
 from conftest import assert_half_close_to_float32
 from dinat.layers import NeighborhoodAttention2D
-from dinat.ops import current_backend, na2d, reference, triton_na, use_backend
+from dinat.ops import current_backend, na2d, na2d_qkvpacked, reference, triton_na, use_backend
 
 HALF_DTYPES = [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch.bfloat16]
 
@@ -66,6 +68,14 @@ def _fused(q, k, v, kernel, dilation, rpb, scale, backend):
         return na2d(q, k, v, kernel, dilation, rpb, scale)
 
 
+def _fused_packed(qkv, kernel, dilation, rpb, scale, backend, packed: bool = True):
+    """The fused op on (B, H, W, 3, heads, D) ``qkv``: na2d_qkvpacked, or na2d on its slices."""
+    with use_backend(backend):
+        if packed:
+            return na2d_qkvpacked(qkv, kernel, dilation, rpb, scale)
+        return na2d(*qkv.unbind(3), kernel, dilation, rpb, scale)
+
+
 @needs_kernels
 @pytest.mark.parametrize("case", GOLDEN, ids=GOLDEN_IDS)
 def test_golden_cases(case: dict) -> None:
@@ -104,9 +114,14 @@ def _inputs(shape, kernel, with_rpb, dtype=torch.float64, seed=0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape,kernel,dilation,with_rpb", SHAPES, ids=[str(s[:3]) for s in SHAPES])
-def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
-    """Forward and all gradients against the float64 reference; q, k, v as strided slices of qkv."""
+@pytest.mark.parametrize(
+    "shape,kernel,dilation,with_rpb,packed",
+    [(*case, i % 2 == 1) for i, case in enumerate(SHAPES)],
+    ids=[f"{case[:3]}{'-packed' * (i % 2)}" for i, case in enumerate(SHAPES)],
+)
+def test_matches_reference(shape, kernel, dilation, with_rpb, packed) -> None:
+    """Forward and all gradients against the float64 reference; q, k, v as strided slices of qkv,
+    or qkv packed (its gradient written by the kernels in one buffer), alternately."""
     qkv, rpb = _inputs(shape, kernel, with_rpb)
     qkv64 = qkv.clone().requires_grad_()
     rpb64 = None if rpb is None else rpb.clone().requires_grad_()
@@ -119,7 +134,7 @@ def test_matches_reference(shape, kernel, dilation, with_rpb) -> None:
     rpb32 = None if rpb is None else rpb.float().to(DEVICE).requires_grad_()
     if triton_na.unavailable_reason(qkv32):  # wide float32 on a GPU with less shared memory
         pytest.skip(triton_na.unavailable_reason(qkv32))
-    out = _fused(*qkv32.unbind(3), kernel, dilation, rpb32, scale, "triton")
+    out = _fused_packed(qkv32, kernel, dilation, rpb32, scale, "triton", packed)
     # the incoming gradient in another memory layout (heads-first storage), as a permute upstream makes it
     heads_first = grad_out.float().to(DEVICE).permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
     out.backward(heads_first)
@@ -299,37 +314,38 @@ def test_gradient_of_some_inputs_only() -> None:
 
 
 @needs_kernels
-def test_double_backward() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["slices", "packed"])
+def test_double_backward(packed) -> None:
     """create_graph=True differentiates the backward again (through the unfused primitives)."""
     kernel, dilation = (5, 3), (2, 3)
     gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(1, 12, 13, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
-    inputs.append(torch.randn(2, 9, 5, generator=gen, dtype=torch.float64))
+    inputs = (torch.randn(1, 12, 13, 3, 1, 8, generator=gen, dtype=torch.float64),
+              torch.randn(1, 9, 5, generator=gen, dtype=torch.float64))  # fmt: skip
 
     def second_derivatives(backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         leaves = [t.to(DEVICE, dtype).requires_grad_() for t in inputs]
-        out = _fused(*leaves[:3], kernel, dilation, leaves[3], 0.3, backend)
+        out = _fused_packed(leaves[0], kernel, dilation, leaves[1], 0.3, backend, packed)
         grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
         return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
 
     got = second_derivatives("triton", torch.float32)
     expected = second_derivatives("reference", torch.float64)
-    for name, g, e in zip(("q", "k", "v", "rpb"), got, expected):
+    for name, g, e in zip(("qkv", "rpb"), got, expected):
         torch.testing.assert_close(g.cpu().double(), e.cpu(), rtol=1e-4, atol=1e-4 * e.abs().max().item(), msg=name)
 
 
 @needs_kernels
 def test_compiles_without_graph_breaks() -> None:
     """The op is an opaque custom op to torch.compile: fullgraph forward and backward, through
-    inductor, which checks each output's strides against the op's fake implementation."""
+    inductor, which checks each output's strides against the op's fake implementation (the packed
+    op, as the models call it)."""
     shape, kernel, dilation = (1, 8, 8, 1, 16), (3, 3), (2, 2)
     qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
     x = qkv.to(DEVICE).requires_grad_()
     bias = rpb.to(DEVICE).requires_grad_()
 
     def attend(x, bias):
-        with use_backend("triton"):
-            return na2d(*x.unbind(3), kernel, dilation, bias)
+        return _fused_packed(x, kernel, dilation, bias, None, "triton")
 
     expected = attend(x, bias)
     compiled = torch.compile(attend, fullgraph=True)
@@ -342,39 +358,53 @@ def test_compiles_without_graph_breaks() -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype,with_rpb", [(torch.float16, True), (torch.float32, False)], ids=["f16-rpb", "f32"])
-def test_custom_ops_pass_opcheck(dtype, with_rpb) -> None:
+@pytest.mark.parametrize(
+    "dtype,with_rpb,packed", [(torch.float16, True, True), (torch.float32, False, False)], ids=["f16-rpb-packed", "f32"]
+)
+def test_custom_ops_pass_opcheck(dtype, with_rpb, packed) -> None:
     """torch.library.opcheck on the forward and backward ops: schema, autograd registration, and
     fake implementations that match the real outputs' shapes, dtypes and strides (what torch.compile
-    relies on); q, k, v as strided slices of qkv, a float32 rpb with half-precision q."""
+    relies on); q, k, v as strided slices of qkv or qkv packed, a float32 rpb with half-precision q."""
     shape, kernel, dilation = (1, 9, 10, 2, 8), [3, 5], [2, 1]
     qkv, rpb = _inputs(tuple(shape), kernel, with_rpb, dtype=torch.float32)
-    q, k, v = qkv.to(DEVICE, dtype).requires_grad_().unbind(3)
+    qkv = qkv.to(DEVICE, dtype).requires_grad_()
+    features = [qkv] if packed else list(qkv.unbind(3))
     bias = None if rpb is None else rpb.to(DEVICE).requires_grad_()
-    torch.library.opcheck(triton_na.na2d_triton, (q, k, v, bias, kernel, dilation, 0.3))
-    out, lse = triton_na.na2d_triton(q, k, v, bias, kernel, dilation, 0.3)
-    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
-    backward_args = (torch.randn_like(out), q, k, v, None if bias is None else bias.detach(), out, lse)
-    torch.library.opcheck(triton_na.na2d_triton_backward, (*backward_args, kernel, dilation, 0.3))
+    forward, backward = (
+        (triton_na.na2d_packed_triton, triton_na.na2d_packed_triton_backward)
+        if packed
+        else (triton_na.na2d_triton, triton_na.na2d_triton_backward)
+    )
+    args = (kernel, dilation, 0.3)
+    torch.library.opcheck(forward, (*features, bias, *args))
+    out, lse = forward(*features, bias, *args)
+    detached = [t.detach() for t in (*features, out, lse)]
+    grad_out, detached_bias = torch.randn_like(out), None if bias is None else bias.detach()
+    torch.library.opcheck(backward, (grad_out, *detached[:-2], detached_bias, *detached[-2:], *args))
 
 
 @needs_kernels
-def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["slices", "packed"])
+def test_compiled_path_is_the_custom_op_and_agrees_with_eager(packed) -> None:
     """Eagerly the op is an autograd.Function calling the kernels' functions; under torch.compile
     the custom op (opaque, with its registered autograd): the same output and gradients. The
     compiled backward builds the rpb gradient's one-hot in its graph: it takes no tensor from the
-    eager path's cache (CUDA graph trees refuse or overwrite tensors kept alive between calls)."""
+    eager path's cache (CUDA graph trees refuse or overwrite tensors kept alive between calls).
+    Packed, the backward graph has no stack of q's, k's and v's gradients (the kernels write them
+    into one buffer); on the slices of qkv it has one."""
     shape, kernel, dilation = (1, 9, 11, 2, 16), (3, 5), (2, 1)
     qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
 
     def attend(qkv, rpb):
-        return triton_na.na2d(*qkv.unbind(3), kernel, dilation, rpb, 0.3)
+        return _fused_packed(qkv, kernel, dilation, rpb, 0.3, "triton", packed)
 
     traced = []
 
-    def recording_aot_eager(graph_module, inputs):
+    def record(graph_module, _inputs):
         traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return torch._dynamo.lookup_backend("aot_eager")(graph_module, inputs)
+        return make_boxed_func(graph_module)
+
+    recording_aot_eager = aot_autograd(fw_compiler=record, bw_compiler=record)
 
     torch._dynamo.reset()
     triton_na._cached_bias_rows.cache_clear()
@@ -383,22 +413,25 @@ def test_compiled_path_is_the_custom_op_and_agrees_with_eager() -> None:
         results.append(_output_and_gradients(fn, qkv, rpb))
         cache_calls.append(triton_na._cached_bias_rows.cache_info()[:2])  # (hits, misses)
     assert type(results[0][0].grad_fn).__name__ == "_EagerNA2dBackward"
-    assert f"dinat.na2d_triton_v{triton_na._OPS_VERSION}.default" in traced
+    name = "na2d_packed_triton" if packed else "na2d_triton"
+    assert f"dinat.{name}_v{triton_na._OPS_VERSION}.default" in traced
+    assert f"dinat.{name}_backward_v{triton_na._OPS_VERSION}.default" in traced
+    assert ("aten.stack.default" in traced) != packed, traced
     assert cache_calls == [(0, 1), (0, 1)], cache_calls
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
-def test_cuda_graph_trees_match_eager() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["slices", "packed"])
+def test_cuda_graph_trees_match_eager(packed) -> None:
     """torch.compile(mode="reduce-overhead") of a training step's attention: its warm-up call (run
     in the CUDA graphs' memory pool), its recording and its replays give eager's output and
     gradients. Compiled first, on an empty cache: nothing the op keeps may come from that pool."""
     shape, kernel, dilation = (2, 20, 24, 2, 32), (7, 7), (2, 1)
 
     def attend(qkv, rpb):
-        with use_backend("triton"):
-            return na2d(*qkv.unbind(3), kernel, dilation, rpb)
+        return _fused_packed(qkv, kernel, dilation, rpb, None, "triton", packed)
 
     torch._dynamo.reset()
     triton_na._cached_bias_rows.cache_clear()

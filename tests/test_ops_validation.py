@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_empty_batch_works, cpu_backends
 from dinat.layers import NeighborhoodAttention2D
-from dinat.ops import na2d, na2d_av, na2d_qk, use_backend
+from dinat.ops import na2d, na2d_av, na2d_qk, na2d_qkvpacked, use_backend
 
 
 def _qkv(shape=(1, 2, 8, 9, 4), dtype=torch.float32):
@@ -35,6 +35,8 @@ def test_geometry_errors(kwargs, message) -> None:
         na2d_qk(q, k, **kwargs)
     with pytest.raises(ValueError, match=message):
         na2d(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        na2d_qkvpacked(torch.stack([t.permute(0, 2, 3, 1, 4) for t in (q, k, v)], 3), **kwargs)
 
 
 def test_tensor_errors() -> None:
@@ -58,6 +60,14 @@ def test_tensor_errors() -> None:
         na2d(*tokens[:2], tokens[2][..., :3], 3)
     with pytest.raises(ValueError, match="scale must be a float or None, got 'x'"):
         na2d(*tokens, 3, scale="x")
+    with pytest.raises(ValueError, match=r"qkv must have rank 6, got shape \(1, 8, 9, 2, 4\)"):
+        na2d_qkvpacked(tokens[0], 3)
+    with pytest.raises(ValueError, match=r"qkv must have shape \(B, H, W, 3, heads, D\), got \(1, 8, 9, 2, 2, 4\)"):
+        na2d_qkvpacked(torch.stack(tokens[:2], 3), 3)
+    with pytest.raises(ValueError, match="qkv must be a floating-point tensor, got dtype torch.int64"):
+        na2d_qkvpacked(torch.stack(tokens, 3).long(), 3)
+    with pytest.raises(ValueError, match=r"rpb must have shape \(2, 5, 5\) to match q, got \(2, 7, 7\)"):
+        na2d_qkvpacked(torch.stack(tokens, 3), 3, rpb=torch.randn(2, 7, 7))
     with pytest.raises(ValueError, match="scale must be a float or None, got True"):
         na2d(*tokens, 3, scale=True)
     numpy = pytest.importorskip("numpy")

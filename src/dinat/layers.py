@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module, trunc_normal_
 from torch import Tensor, nn
 
-from .ops import na2d, na2d_av, na2d_qk
+from .ops import na2d_av, na2d_qk, na2d_qkvpacked
 from .ops.functional import IntOrPair, check_kernel_and_dilation
 
 
@@ -61,13 +61,13 @@ class NeighborhoodAttention2D(nn.Module):
         if pad_bottom or pad_right:
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
         padded_h, padded_w = x.shape[1:3]
-        q, k, v = self.qkv(x).view(batch, padded_h, padded_w, 3, self.num_heads, self.head_dim).unbind(3)
+        qkv = self.qkv(x).view(batch, padded_h, padded_w, 3, self.num_heads, self.head_dim)
         if self.training and self.attn_drop.p > 0:
-            q, k, v = (t.permute(0, 3, 1, 2, 4) for t in (q, k, v))
+            q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)
             attn = na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, self.rpb).softmax(-1)
             x = na2d_av(self.attn_drop(attn), v, self.kernel_size, self.dilation).permute(0, 2, 3, 1, 4)
         else:
-            x = na2d(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale)
+            x = na2d_qkvpacked(qkv, self.kernel_size, self.dilation, self.rpb, self.scale)
         x = x.reshape(batch, padded_h, padded_w, self.dim)[:, :height, :width]
         return self.proj_drop(self.proj(x))
 

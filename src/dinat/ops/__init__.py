@@ -8,6 +8,7 @@ from .functional import (
     na2d,
     na2d_av,
     na2d_qk,
+    na2d_qkvpacked,
     requested_backend,
     use_backend,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "na2d",
     "na2d_av",
     "na2d_qk",
+    "na2d_qkvpacked",
     "requested_backend",
     "use_backend",
 ]

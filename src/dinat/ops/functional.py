@@ -181,6 +181,23 @@ def na2d_av(attn: Tensor, v: Tensor, kernel_size: IntOrPair, dilation: IntOrPair
     return _backend_for(v).na2d_av(attn, v, kernel, dil).to(v.dtype)
 
 
+def _fused_args(
+    q: Tensor, kernel_size: IntOrPair, dilation: IntOrPair, rpb: Tensor | None, scale: float | None
+) -> tuple[Pair, Pair, float]:
+    """Checks of the fused ops' arguments besides k and v (q: (B, H, W, heads, D)): the kernel
+    and dilation pairs, and the scale (default D ** -0.5)."""
+    kernel, dil = check_kernel_and_dilation(kernel_size, dilation)
+    _check_extent(q.shape[1], q.shape[2], kernel, dil)
+    _check_rpb(rpb, q.shape[3], kernel, q)
+    if scale is None:
+        if q.shape[-1] == 0:
+            raise ValueError(f"q has head dim 0 (shape {tuple(q.shape)}): there is no default scale D ** -0.5")
+        return kernel, dil, q.shape[-1] ** -0.5
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # numbers.Real: numpy scalars too
+        raise ValueError(f"scale must be a float or None, got {scale!r}")
+    return kernel, dil, float(scale)
+
+
 def na2d(
     q: Tensor,
     k: Tensor,
@@ -195,20 +212,34 @@ def na2d(
     q, k, v: (B, H, W, heads, D); rpb: (heads, 2*kh-1, 2*kw-1) or None; scale defaults to
     D ** -0.5. Returns (B, H, W, heads, D).
     """
-    kernel, dil = check_kernel_and_dilation(kernel_size, dilation)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
     _check_same("k", k, "q", q, tuple(q.shape))
     _check_same("v", v, "q", q, tuple(q.shape))
-    _check_extent(q.shape[1], q.shape[2], kernel, dil)
-    _check_rpb(rpb, q.shape[3], kernel, q)
-    if scale is None:
-        if q.shape[-1] == 0:
-            raise ValueError(f"q has head dim 0 (shape {tuple(q.shape)}): there is no default scale D ** -0.5")
-        scale = q.shape[-1] ** -0.5
-    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # numbers.Real: numpy scalars too
-        raise ValueError(f"scale must be a float or None, got {scale!r}")
-    return _backend_for(q).na2d(q, k, v, kernel, dil, rpb, float(scale)).to(q.dtype)
+    kernel, dil, scale = _fused_args(q, kernel_size, dilation, rpb, scale)
+    return _backend_for(q).na2d(q, k, v, kernel, dil, rpb, scale).to(q.dtype)
+
+
+def na2d_qkvpacked(
+    qkv: Tensor,
+    kernel_size: IntOrPair,
+    dilation: IntOrPair = 1,
+    rpb: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """:func:`na2d` on q, k, v packed in one (B, H, W, 3, heads, D) tensor, as a qkv projection
+    makes them: ``na2d(*qkv.unbind(3), ...)``, whose backward writes the gradient of qkv in one
+    buffer where the backend can (Triton) instead of stacking three. Returns (B, H, W, heads, D).
+    """
+    _check_tensor("qkv", qkv, rank=6)
+    if qkv.shape[3] != 3:
+        raise ValueError(f"qkv must have shape (B, H, W, 3, heads, D), got {tuple(qkv.shape)}")
+    q = qkv.select(3, 0)
+    kernel, dil, scale = _fused_args(q, kernel_size, dilation, rpb, scale)
+    backend = _backend_for(qkv)
+    if hasattr(backend, "na2d_qkvpacked"):
+        return backend.na2d_qkvpacked(qkv, kernel, dil, rpb, scale).to(qkv.dtype)
+    return backend.na2d(*qkv.unbind(3), kernel, dil, rpb, scale).to(qkv.dtype)
 
 
 def current_backend(x: Tensor) -> str:
@@ -217,4 +248,14 @@ def current_backend(x: Tensor) -> str:
     return "triton" if module == "triton_na" else module
 
 
-__all__ = ["na2d", "na2d_av", "na2d_qk", "use_backend", "requested_backend", "current_backend", "as_pair", "BACKENDS"]
+__all__ = [
+    "na2d",
+    "na2d_qkvpacked",
+    "na2d_av",
+    "na2d_qk",
+    "use_backend",
+    "requested_backend",
+    "current_backend",
+    "as_pair",
+    "BACKENDS",
+]

@@ -239,12 +239,13 @@ def na2d_backward_query_kernel(
     v_sb, v_sh, v_sw, v_sn,
     do_sb, do_sh, do_sw, do_sn,
     o_sb, o_sh, o_sw, o_sn,
+    g_sb, g_sh, g_sw, g_sn,
     r_sn, r_sh, drpb_slots,
     heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
     KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, BIAS_COLS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dq (contiguous like q) and, with rpb, this program's partial rpb gradient; first DELTA, its
+    """dq (strides g_*) and, with rpb, this program's partial rpb gradient; first DELTA, its
     queries' DO . OUT in float32 (the softmax gradient's row sums), which the key kernel reads after.
 
     DRPB is (B*heads, H, drpb_slots, KH, 2*KW-1), zeros where tiles larger than the smallest leave
@@ -304,8 +305,8 @@ def na2d_backward_query_kernel(
             tile_row_ok = tile_row_valid & (tile_window_row >= 0) & (tile_window_row < KH)
             partial_ptrs = DRPB + ((slots * KH + tile_window_row) * (2 * KW - 1))[:, None] + bias_cols[None, :]
             tl.store(partial_ptrs, partial, mask=tile_row_ok[:, None] & (bias_cols < 2 * KW - 1)[None, :])
-    dq_ptr = DQ + (((b * height + rows[:, None]) * width + cols[:, None]) * heads + n) * head_dim + d[None, :]
-    tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    dq_ptrs = _tokens(DQ, b, rows, n, cols, d, g_sb, g_sh, g_sw, g_sn)
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -315,12 +316,13 @@ def na2d_backward_key_kernel(
     k_sb, k_sh, k_sw, k_sn,
     v_sb, v_sh, v_sw, v_sn,
     do_sb, do_sh, do_sw, do_sn,
+    g_sb, g_sh, g_sw, g_sn,
     r_sn, r_sh,
     heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
     KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dk and dv (contiguous like k) for BLOCK_N key places of ROWS rows of one row and column group."""
+    """dk and dv (both with strides g_*) for BLOCK_N key places of ROWS rows of one row and column group."""
     tl.static_assert(ROWS * BLOCK_N >= 16, "tl.dot needs 16 keys per program: ROWS * tile >= 16")
     pid_bn, pid_row, pid_col = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
@@ -366,9 +368,10 @@ def na2d_backward_key_kernel(
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds = p * (dp - delta[None, :])
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-    out = (((b * height + key_rows[:, None]) * width + key_cols[:, None]) * heads + n) * head_dim + d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = _tokens(DK, b, key_rows, n, key_cols, d, g_sb, g_sh, g_sw, g_sn)
+    dv_ptrs = _tokens(DV, b, key_rows, n, key_cols, d, g_sb, g_sh, g_sw, g_sn)
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 # --------------------------------------------------------------------------------------------

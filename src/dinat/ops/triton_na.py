@@ -395,19 +395,6 @@ def _forward_kernels(
     return out, lse
 
 
-# The ops' names carry the version of their contract (outputs, and what the backward returns):
-# torch.compile's on-disk caches know an op by its name alone, not by its fake or its autograd
-# (pytorch#160472), so a graph compiled against another contract would be reused and fail. Bump it
-# with any such change.
-_OPS_VERSION = 2
-na2d_triton = torch.library.custom_op(f"dinat::na2d_triton_v{_OPS_VERSION}", _forward_kernels, mutates_args=())
-
-
-@na2d_triton.register_fake
-def _(q, k, v, rpb, kernel, dilation, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
-
-
 def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device) -> Tensor:
     """(2kh - 1, H * kh) float64 one-hot: column x (query row, i-th key row) marks that key row's rpb
     row. Built without a host synchronisation, so it may be built inside a CUDA graph."""
@@ -451,6 +438,48 @@ def _rpb_gradient(partial: Tensor, rpb: Tensor, kernel: list[int], dilation: lis
     return torch.matmul(rows, per_row.reshape(heads, -1, bias_cols)).to(rpb.dtype)
 
 
+def _launch_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    kernel: list[int],
+    dilation: list[int],
+    scale: float,
+    grads: tuple[Tensor, Tensor, Tensor],
+) -> Tensor:
+    """Write the gradients of q, k, v into ``grads`` (three (B, H, W, heads, D) tensors with the same
+    strides, unit over D) and return the rpb gradient's partial sums (empty without rpb: see
+    _rpb_gradient)."""
+    grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
+    rpb = None if rpb is None else rpb.contiguous()
+    batch, height, width, heads, dim = q.shape
+    bias, bias_sn, bias_sh = _bias_args(rpb, q)
+    shape_args = (heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e), scale)
+    strides = _strides(q, k, v, grad_out)
+    grad_q, grad_k, grad_v = grads
+
+    # every slot of the partial sums is written when the autotuner has one tile size, else some stay zero
+    tiles, slots = _tiles_and_slots(q, dilation)
+    allocate = torch.empty if len(tiles) == 1 else torch.zeros
+    partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
+    delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)  # the query kernel's
+    with _device_of(q):
+        _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
+            q, k, v, bias, grad_out, out, lse, delta, grad_q, partial, *strides, *_strides(out, grad_q),
+            bias_sn, bias_sh, slots, *shape_args,
+            **_constexprs("query", q.dtype, kernel, dim, rpb is not None),
+        )  # fmt: skip
+        _fused_kernel("key", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_N")](
+            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_k), bias_sn, bias_sh,
+            *shape_args, **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
+        )  # fmt: skip
+    return partial
+
+
 def _backward_kernels(
     grad_out: Tensor,
     q: Tensor,
@@ -463,68 +492,115 @@ def _backward_kernels(
     dilation: list[int],
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of q, k, v (contiguous), and the rpb gradient's partial sums (empty without rpb:
-    see _rpb_gradient)."""
-    grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
-    rpb = None if rpb is None else rpb.contiguous()
-    batch, height, width, heads, dim = q.shape
-    grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    bias, bias_sn, bias_sh = _bias_args(rpb, q)
-    shape_args = (heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e), scale)
-    strides = _strides(q, k, v, grad_out)
-
-    # every slot of the partial sums is written when the autotuner has one tile size, else some stay zero
-    tiles, slots = _tiles_and_slots(q, dilation)
-    allocate = torch.empty if len(tiles) == 1 else torch.zeros
-    partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
-    delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)  # the query kernel's
-    with _device_of(q):
-        _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
-            q, k, v, bias, grad_out, out, lse, delta, grad_q, partial, *strides, *_strides(out), bias_sn, bias_sh,
-            slots, *shape_args,
-            **_constexprs("query", q.dtype, kernel, dim, rpb is not None),
-        )  # fmt: skip
-        _fused_kernel("key", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_N")](
-            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, bias_sn, bias_sh, *shape_args,
-            **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
-        )  # fmt: skip
-    return grad_q, grad_k, grad_v, partial
+    """Gradients of q, k, v (contiguous), and the rpb gradient's partial sums (see _launch_backward)."""
+    grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    return *grads, _launch_backward(grad_out, q, k, v, rpb, out, lse, kernel, dilation, scale, grads)
 
 
-na2d_triton_backward = torch.library.custom_op(
-    f"dinat::na2d_triton_backward_v{_OPS_VERSION}", _backward_kernels, mutates_args=()
-)
+def _packed_forward_kernels(
+    qkv: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int], scale: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`_forward_kernels` on q, k, v packed in one (B, H, W, 3, heads, D) tensor."""
+    return _forward_kernels(*_unit_stride(qkv).unbind(3), rpb, kernel, dilation, scale)
+
+
+def _packed_backward_kernels(
+    grad_out: Tensor,
+    qkv: Tensor,
+    rpb: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    kernel: list[int],
+    dilation: list[int],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """The gradient of packed qkv, written by the kernels in place (where separate gradients would
+    cost autograd a copy to stack them), and the rpb gradient's partial sums."""
+    grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    q, k, v = _unit_stride(qkv).unbind(3)
+    return grad_qkv, _launch_backward(grad_out, q, k, v, rpb, out, lse, kernel, dilation, scale, grad_qkv.unbind(3))
+
+
+# The ops' names carry the version of their contract (outputs, and what the backward returns):
+# torch.compile's on-disk caches know an op by its name alone, not by its fake or its autograd
+# (pytorch#160472), so a graph compiled against another contract would be reused and fail. Bump it
+# with any such change.
+_OPS_VERSION = 3
+
+
+def _custom_op(name: str, fn):
+    return torch.library.custom_op(f"dinat::{name}_v{_OPS_VERSION}", fn, mutates_args=())
+
+
+na2d_triton = _custom_op("na2d_triton", _forward_kernels)
+na2d_triton_backward = _custom_op("na2d_triton_backward", _backward_kernels)
+na2d_packed_triton = _custom_op("na2d_packed_triton", _packed_forward_kernels)
+na2d_packed_triton_backward = _custom_op("na2d_packed_triton_backward", _packed_backward_kernels)
+
+
+def _fake_forward(q: Tensor) -> tuple[Tensor, Tensor]:
+    """Outputs of the forward ops for a (B, H, W, heads, D) ``q``."""
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
+
+
+def _fake_partial(q: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int]) -> Tensor:
+    partial_shape = _rpb_partial_shape(q, kernel, _tiles_and_slots(q, dilation)[1], rpb is not None)
+    return q.new_empty(partial_shape, dtype=torch.float32)
+
+
+@na2d_triton.register_fake
+def _(q, k, v, rpb, kernel, dilation, scale):
+    return _fake_forward(q)
+
+
+@na2d_packed_triton.register_fake
+def _(qkv, rpb, kernel, dilation, scale):
+    return _fake_forward(qkv[:, :, :, 0])
 
 
 @na2d_triton_backward.register_fake
 def _(grad_out, q, k, v, rpb, out, lse, kernel, dilation, scale):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
-    partial_shape = _rpb_partial_shape(q, kernel, _tiles_and_slots(q, dilation)[1], rpb is not None)
-    return *grads, q.new_empty(partial_shape, dtype=torch.float32)
+    return *grads, _fake_partial(q, rpb, kernel, dilation)
+
+
+@na2d_packed_triton_backward.register_fake
+def _(grad_out, qkv, rpb, out, lse, kernel, dilation, scale):
+    grad_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    return grad_qkv, _fake_partial(qkv[:, :, :, 0], rpb, kernel, dilation)
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, rpb, kernel, dilation, scale = inputs
-    ctx.save_for_backward(q, k, v, rpb, *output)
+    """Inputs (q, k, v, rpb, kernel, dilation, scale), or packed (qkv, rpb, kernel, dilation, scale)."""
+    *features, rpb, kernel, dilation, scale = inputs
+    ctx.save_for_backward(*features, rpb, *output)
     ctx.args = (kernel, dilation, scale)
 
 
 def _gradients(ctx, grad_out, backward_kernels):
-    """The seven inputs' gradients, from ``backward_kernels`` (the custom op, or its function)."""
-    q, k, v, rpb, out, lse = ctx.saved_tensors
+    """The inputs' gradients (see _setup), from ``backward_kernels`` (a custom op, or its function)."""
+    *features, rpb, out, lse = ctx.saved_tensors
     kernel, dilation, scale = ctx.args
+    packed = len(features) == 1
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
-        grads = primitives.fused_gradients(
-            na2d_qk, na2d_av, grad_out, (q, k, v, rpb), ctx.needs_input_grad[:4], tuple(kernel), tuple(dilation), scale
+        q, k, v = features[0].unbind(3) if packed else features
+        needs = ctx.needs_input_grad[:1] * 3 + ctx.needs_input_grad[1:2] if packed else ctx.needs_input_grad[:4]
+        *feature_grads, grad_rpb = primitives.fused_gradients(
+            na2d_qk, na2d_av, grad_out, (q, k, v, rpb), needs, tuple(kernel), tuple(dilation), scale
         )
-        return (*grads, None, None, None)
-    grad_q, grad_k, grad_v, partial = backward_kernels(grad_out, q, k, v, rpb, out, lse, *ctx.args)
+        if packed:
+            feature_grads = [torch.stack(feature_grads, 3) if needs[0] else None]
+        return (*feature_grads, grad_rpb, None, None, None)
+    *feature_grads, partial = backward_kernels(grad_out, *features, rpb, out, lse, *ctx.args)
     grad_rpb = None if rpb is None else _rpb_gradient(partial, rpb, kernel, dilation)
-    return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+    return (*feature_grads, grad_rpb, None, None, None)
 
 
 na2d_triton.register_autograd(
     lambda ctx, grad_out, _grad_lse: _gradients(ctx, grad_out, na2d_triton_backward), setup_context=_setup
+)
+na2d_packed_triton.register_autograd(
+    lambda ctx, grad_out, _grad_lse: _gradients(ctx, grad_out, na2d_packed_triton_backward), setup_context=_setup
 )
 
 
@@ -532,18 +608,22 @@ class _EagerNA2d(torch.autograd.Function):
     """The fused op outside torch.compile: the custom ops' functions, without the custom ops'
     dispatch (schema defaults, alias checks, redispatch through autograd: about a third of the
     host time of a forward+backward, benchmarks/triton_host_overhead.py). At DiNAT-Mini's smaller
-    levels a forward+backward on an H100 took the host about twice its kernels' time."""
+    levels a forward+backward on an H100 took the host about twice its kernels' time.
+
+    Inputs as the custom ops': (q, k, v, rpb, kernel, dilation, scale), or packed (qkv, rpb, ...)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rpb, kernel, dilation, scale):
-        out, lse = _forward_kernels(q, k, v, rpb, kernel, dilation, scale)
+    def forward(ctx, *inputs):
+        forward_kernels = _packed_forward_kernels if len(inputs) == 5 else _forward_kernels
+        out, lse = forward_kernels(*inputs)
         ctx.mark_non_differentiable(lse)
-        _setup(ctx, (q, k, v, rpb, kernel, dilation, scale), (out, lse))
+        _setup(ctx, inputs, (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        return _gradients(ctx, grad_out, _backward_kernels)
+        packed = len(ctx.saved_tensors) == 4
+        return _gradients(ctx, grad_out, _packed_backward_kernels if packed else _backward_kernels)
 
 
 # -- the backend interface (see functional.py) -------------------------------------------------
@@ -554,6 +634,16 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Ten
         return grouped.attention(q, k, v, kernel, dilation, rpb, scale)
     op = na2d_triton if torch.compiler.is_compiling() else _EagerNA2d.apply  # compiled: an opaque op
     out, _ = op(q, k, v, rpb, list(kernel), list(dilation), scale)
+    return out
+
+
+def na2d_qkvpacked(qkv: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
+    """:func:`na2d` on q, k, v packed in one (B, H, W, 3, heads, D) tensor, whose gradient the
+    backward kernels write in one buffer."""
+    if grouped.is_whole(qkv.shape[1], qkv.shape[2], kernel, dilation):
+        return grouped.attention(*qkv.unbind(3), kernel, dilation, rpb, scale)
+    op = na2d_packed_triton if torch.compiler.is_compiling() else _EagerNA2d.apply
+    out, _ = op(qkv, rpb, list(kernel), list(dilation), scale)
     return out
 
 
@@ -641,4 +731,13 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
     return out.view(batch, heads, height, width, dim)
 
 
-__all__ = ["available", "unavailable_reason", "autotuned", "compile_for_cuda", "na2d", "na2d_qk", "na2d_av"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "autotuned",
+    "compile_for_cuda",
+    "na2d",
+    "na2d_qkvpacked",
+    "na2d_qk",
+    "na2d_av",
+]

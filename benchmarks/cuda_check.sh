@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one bounded run (at most 575 s of steps; with an install, STEPS to split it):
+# Issue 6's GPU checks, each step bounded (815 s in all: STEPS splits them over 10-minute calls):
 #   1. the Triton op tests (each launch configuration is tested by itself, so the rest run on the
 #      first one, without autotuning);
 #   2. `dinat bench` on CUDA, eager: the op at every DiNAT-Mini level against window attention, and
 #      dinat_mini's inference and training step against Swin-T's (bfloat16, batch 128);
-#   3. the same models compiled with CUDA graphs (--compile reduce-overhead).
+#   3. the same models compiled with CUDA graphs (--compile reduce-overhead);
+#   4. the op against window attention, both compiled with CUDA graphs (the host's launches out).
 # The kernel profiles of the steps are benchmarks/cuda_kernels.py's (--compile reduce-overhead for
 # the compiled ones), run on their own: with the compilation they take a call of their own.
 # Each step has its own time limit, so the later figures come back even if an earlier step runs long
@@ -19,7 +20,7 @@ models="dinat_mini swin_tiny_patch4_window7_224"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-steps=" ${STEPS:-tests eager cudagraphs} "
+steps=" ${STEPS:-tests eager cudagraphs opgraphs} "
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to OUTPUT_DIR/NAME.log
     local name=$1 limit=$2
     shift 2
@@ -39,3 +40,7 @@ step eager 125 $py -m dinat.cli bench --device cuda --dtype bfloat16 --batch 128
 step cudagraphs 210 $py -m dinat.cli bench --suite model --compile reduce-overhead --device cuda --dtype bfloat16 \
     --batch 128 --repeats 10 --models $models --output "$out/cudagraphs" &&
     grep -E "^(model|dinat|swin)" "$out/cudagraphs.log"
+# shellcheck disable=SC2086
+step opgraphs 240 $py -m dinat.cli bench --suite op --compile reduce-overhead --device cuda --dtype bfloat16 \
+    --batch 128 --repeats 20 --no-reference --output "$out/opgraphs" &&
+    grep -E "^ +[0-9]+x[0-9]+ " "$out/opgraphs.log"

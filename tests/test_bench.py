@@ -44,6 +44,24 @@ def test_bench_compile_flag(tmp_path, monkeypatch, flags, mode) -> None:
     assert compiled == [{"mode": mode}] * 2 and results["compile"] == (mode or "default")
 
 
+def test_bench_compiles_the_op_candidates(tmp_path, monkeypatch) -> None:
+    """--compile with the op suite compiles every candidate (forward, and its backward with it) and
+    marks its tensors static (CUDA graphs read them in place); the compiled figures are real."""
+    monkeypatch.setattr(bench, "DINAT_MINI_LEVELS", [(14, 1, (2,))])
+    static = []
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t: static.append(t.shape))
+    argv = ["--suite", "op", "--batch", "1", "--repeats", "1", "--threads", "1", "--compile", "--compare", "cpu"]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = bench.main([*argv, "--no-reference", "--output", str(tmp_path)])
+    (row,) = results["op"]
+    assert row["shape"] == "14x14 h1 d2" and results["compile"] == "default"
+    assert all(row[f"{name}_fwdbwd_ms"] > 0 for name in ("fast", "window", "dense_sdpa", "cpu"))
+    assert len(static) == 4 * 5  # q, k, v, rpb and the window bias of each of the four candidates
+    # each candidate's forward compiled without and with gradients
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4 * 2, torch._dynamo.utils.counters["stats"]
+
+
 def test_bench_rejects_bad_arguments(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--batch", "0"])

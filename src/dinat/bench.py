@@ -8,7 +8,8 @@ training step, Linux only), since the CPU allocator keeps no per-model statistic
 (a) ``op``: the attention at the shapes of every DiNAT-Mini level (batch B, head dim 32, kernel 7),
     forward and forward+backward, for the automatic backend, the reference, Swin's window attention
     (``scaled_dot_product_attention`` over non-overlapping 7x7 windows plus a bias: the same 49 dot
-    products per query) and dense ``scaled_dot_product_attention`` over all tokens.
+    products per query) and dense ``scaled_dot_product_attention`` over all tokens; with
+    ``--compile``, each of them compiled (on CUDA, ``reduce-overhead`` takes the host's launches out).
 (b) ``model``: inference and training-step images/s and peak memory of dinat_mini, dinat_s_tiny and
     dinat_isotropic_small against timm's swin_tiny_patch4_window7_224, convnext_tiny and
     vit_small_patch16_224 (224 px, float32).
@@ -105,9 +106,28 @@ def _with_backward(forward: Callable[[], torch.Tensor], grad_out: torch.Tensor) 
     return step
 
 
-def op_rows(batch: int, repeats: int, backends: list[str], device: torch.device, dtype: torch.dtype) -> list[dict]:
+def _compiled(
+    forward: Callable[[], torch.Tensor], tensors: list[torch.Tensor], mode: str
+) -> Callable[[], torch.Tensor]:
+    """``forward`` (which reads ``tensors``) compiled in ``mode``, the tensors marked static: CUDA
+    graphs ("reduce-overhead") then read them where they are, as a model's parameters, instead of
+    copying them into the graph's memory at every replay."""
+    for tensor in tensors:
+        torch._dynamo.mark_static_address(tensor)
+    return compile_model(forward, mode)
+
+
+def op_rows(
+    batch: int,
+    repeats: int,
+    backends: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    compile_mode: str | None = None,
+) -> list[dict]:
     """One row per DiNAT-Mini level shape: ``fast`` (the automatic backend), window and dense
-    attention, and each of ``backends`` forced (e.g. the reference, or another CUDA backend)."""
+    attention, and each of ``backends`` forced (e.g. the reference, or another CUDA backend);
+    ``compile_mode`` compiles each of them (its forward, and with it its backward)."""
     rows = []
     for size, heads, dilations in DINAT_MINI_LEVELS:
         for dilation in dilations:
@@ -130,6 +150,8 @@ def op_rows(batch: int, repeats: int, backends: list[str], device: torch.device,
                         return na2d(q, k, v, 7, dilation, rpb)
 
                 forwards[backend] = forced
+            if compile_mode:
+                forwards = {name: _compiled(f, [q, k, v, rpb, bias], compile_mode) for name, f in forwards.items()}
             with torch.no_grad():
                 fwd = interleaved_medians(forwards, repeats, device)
             grad_out = make(batch, size, size, heads, 32).detach()
@@ -308,8 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="?",
         const="default",
         choices=COMPILE_MODES,
-        help="torch.compile every model for the img/s columns (memory: eager), in this mode (default: "
-        "'default'; 'reduce-overhead' replays CUDA graphs, taking the CPU's launches out of the step)",
+        help="torch.compile every op candidate, and every model for the img/s columns (memory: eager), in "
+        "this mode (default: 'default'; 'reduce-overhead' replays CUDA graphs, taking the CPU's launches out)",
     )
     parser.add_argument("--output", type=Path, default=Path("bench_results"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -355,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.suite in ("op", "all"):
             print(f"op: DiNAT-Mini level shapes, batch {args.batch}, head dim 32, kernel 7, {args.threads} threads")
             forced = args.compare + ([] if args.no_reference else ["reference"])
-            results["op"] = op_rows(args.batch, args.repeats, forced, device, dtype)
+            results["op"] = op_rows(args.batch, args.repeats, forced, device, dtype, args.compile)
         if args.suite in ("model", "all"):
             print(f"model: 224 px, batch {args.batch}, {args.dtype}, {args.threads} threads", flush=True)
             results["model"] = model_rows(

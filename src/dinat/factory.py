@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -38,9 +39,9 @@ def create_model(
     return model
 
 
-def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
-    """``torch.compile(model)`` in ``mode``, one of COMPILE_MODES ("reduce-overhead" replays CUDA
-    graphs: the step no longer waits on the CPU's kernel launches)."""
+def compile_model(model: nn.Module | Callable, mode: str = "default") -> nn.Module | Callable:
+    """``torch.compile(model)`` (a module or a function) in ``mode``, one of COMPILE_MODES
+    ("reduce-overhead" replays CUDA graphs: the step no longer waits on the CPU's kernel launches)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     return torch.compile(model, mode=None if mode == "default" else mode)

@@ -121,7 +121,8 @@ def _inputs(shape, kernel, with_rpb, dtype=torch.float64, seed=0):
 )
 def test_matches_reference(shape, kernel, dilation, with_rpb, packed) -> None:
     """Forward and all gradients against the float64 reference; q, k, v as strided slices of qkv,
-    or qkv packed (its gradient written by the kernels in one buffer), alternately."""
+    or qkv packed (its gradient written by the kernels in one buffer; stored q-, k-, v-major, so
+    that its slices are not evenly spaced within a token), alternately."""
     qkv, rpb = _inputs(shape, kernel, with_rpb)
     qkv64 = qkv.clone().requires_grad_()
     rpb64 = None if rpb is None else rpb.clone().requires_grad_()
@@ -130,7 +131,10 @@ def test_matches_reference(shape, kernel, dilation, with_rpb, packed) -> None:
     grad_out = torch.randn_like(expected)
     expected.backward(grad_out)
 
-    qkv32 = qkv.float().to(DEVICE).requires_grad_()
+    qkv32 = qkv.float().to(DEVICE)
+    if packed:  # (3, B, H, W, heads, D) storage
+        qkv32 = qkv32.permute(3, 0, 1, 2, 4, 5).contiguous().permute(1, 2, 3, 0, 4, 5)
+    qkv32.requires_grad_()
     rpb32 = None if rpb is None else rpb.float().to(DEVICE).requires_grad_()
     if triton_na.unavailable_reason(qkv32):  # wide float32 on a GPU with less shared memory
         pytest.skip(triton_na.unavailable_reason(qkv32))

@@ -10,7 +10,7 @@
 # the compiled ones), run on their own: with the compilation they take a call of their own.
 # Each step has its own time limit, so the later figures come back even if an earlier step runs long
 # (NO_LIMITS=1 lifts them, as `make bench-cuda` does). STEPS="tests eager" (say) runs some of them:
-# with a fresh install the three take a whole 10-minute call.
+# with a fresh install, all four take more than one 10-minute call.
 # usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]   (CUDA_TESTS="..." to test other files)
 set -u
 out=${1:?usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]}

@@ -106,17 +106,6 @@ def _with_backward(forward: Callable[[], torch.Tensor], grad_out: torch.Tensor) 
     return step
 
 
-def _compiled(
-    forward: Callable[[], torch.Tensor], tensors: list[torch.Tensor], mode: str
-) -> Callable[[], torch.Tensor]:
-    """``forward`` (which reads ``tensors``) compiled in ``mode``, the tensors marked static: CUDA
-    graphs ("reduce-overhead") then read them where they are, as a model's parameters, instead of
-    copying them into the graph's memory at every replay."""
-    for tensor in tensors:
-        torch._dynamo.mark_static_address(tensor)
-    return compile_model(forward, mode)
-
-
 def op_rows(
     batch: int,
     repeats: int,
@@ -151,7 +140,11 @@ def op_rows(
 
                 forwards[backend] = forced
             if compile_mode:
-                forwards = {name: _compiled(f, [q, k, v, rpb, bias], compile_mode) for name, f in forwards.items()}
+                # static tensors: CUDA graphs ("reduce-overhead") read them where they are, as a
+                # model's parameters, instead of copying them into the graph's memory at every replay
+                for tensor in (q, k, v, rpb, bias):
+                    torch._dynamo.mark_static_address(tensor)
+                forwards = {name: compile_model(f, compile_mode) for name, f in forwards.items()}
             with torch.no_grad():
                 fwd = interleaved_medians(forwards, repeats, device)
             grad_out = make(batch, size, size, heads, 32).detach()

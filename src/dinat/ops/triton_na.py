@@ -501,7 +501,7 @@ def _packed_forward_kernels(
     qkv: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int], scale: float
 ) -> tuple[Tensor, Tensor]:
     """:func:`_forward_kernels` on q, k, v packed in one (B, H, W, 3, heads, D) tensor."""
-    return _forward_kernels(*_unit_stride(qkv).unbind(3), rpb, kernel, dilation, scale)
+    return _forward_kernels(*qkv.unbind(3), rpb, kernel, dilation, scale)
 
 
 def _packed_backward_kernels(
@@ -517,7 +517,7 @@ def _packed_backward_kernels(
     """The gradient of packed qkv, written by the kernels in place (where separate gradients would
     cost autograd a copy to stack them), and the rpb gradient's partial sums."""
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    q, k, v = _unit_stride(qkv).unbind(3)
+    q, k, v = qkv.unbind(3)
     return grad_qkv, _launch_backward(grad_out, q, k, v, rpb, out, lse, kernel, dilation, scale, grad_qkv.unbind(3))
 
 
@@ -614,16 +614,16 @@ class _EagerNA2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        forward_kernels = _packed_forward_kernels if len(inputs) == 5 else _forward_kernels
-        out, lse = forward_kernels(*inputs)
+        packed = len(inputs) == 5
+        out, lse = (_packed_forward_kernels if packed else _forward_kernels)(*inputs)
         ctx.mark_non_differentiable(lse)
         _setup(ctx, inputs, (out, lse))
+        ctx.backward_kernels = _packed_backward_kernels if packed else _backward_kernels
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        packed = len(ctx.saved_tensors) == 4
-        return _gradients(ctx, grad_out, _packed_backward_kernels if packed else _backward_kernels)
+        return _gradients(ctx, grad_out, ctx.backward_kernels)
 
 
 # -- the backend interface (see functional.py) -------------------------------------------------

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks, each step bounded (815 s in all: STEPS splits them over 10-minute calls):
+# Issue 6's GPU checks, each step bounded (1145 s in all: STEPS splits them over 10-minute calls):
 #   1. the Triton op tests (each launch configuration is tested by itself, so the rest run on the
 #      first one, without autotuning);
 #   2. `dinat bench` on CUDA, eager: the op at every DiNAT-Mini level against window attention, and
 #      dinat_mini's inference and training step against Swin-T's (bfloat16, batch 128);
 #   3. the same models compiled with CUDA graphs (--compile reduce-overhead);
-#   4. the op against window attention, both compiled with CUDA graphs (the host's launches out).
-# The kernel profiles of the steps are benchmarks/cuda_kernels.py's (--compile reduce-overhead for
-# the compiled ones), run on their own: with the compilation they take a call of their own.
+#   4. the op against window attention, both compiled with CUDA graphs (the host's launches out);
+#   5. dinat_mini's step with CUDA graphs, its whole-window layers run each way (SDPA, matmul +
+#      softmax, the Triton kernels) beside Swin-T's, profiled (benchmarks/cuda_kernels.py).
 # Each step has its own time limit, so the later figures come back even if an earlier step runs long
 # (NO_LIMITS=1 lifts them, as `make bench-cuda` does). STEPS="tests eager" (say) runs some of them:
-# with a fresh install, all four take more than one 10-minute call.
+# with a fresh install, all five take more than one 10-minute call.
 # usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]   (CUDA_TESTS="..." to test other files)
 set -u
 out=${1:?usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]}
@@ -20,7 +20,7 @@ models="dinat_mini swin_tiny_patch4_window7_224"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-steps=" ${STEPS:-tests eager cudagraphs opgraphs} "
+steps=" ${STEPS:-tests eager cudagraphs opgraphs wholewindow} "
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to OUTPUT_DIR/NAME.log
     local name=$1 limit=$2
     shift 2
@@ -44,3 +44,6 @@ step cudagraphs 210 $py -m dinat.cli bench --suite model --compile reduce-overhe
 step opgraphs 240 $py -m dinat.cli bench --suite op --compile reduce-overhead --device cuda --dtype bfloat16 \
     --batch 128 --repeats 20 --no-reference --output "$out/opgraphs" &&
     grep -E "^ +[0-9]+x[0-9]+ " "$out/opgraphs.log"
+step wholewindow 330 $py benchmarks/cuda_kernels.py --skip-configs --compile reduce-overhead \
+    --whole-window sdpa matmul kernels --output "$out/wholewindow" &&
+    grep -E "^(dinat|swin|side by side)" "$out/wholewindow.log"

@@ -17,16 +17,25 @@ the steps compiled in that mode (``reduce-overhead`` replays CUDA graphs; the pr
 kernels inside them one by one), with torch.compile's graph and graph-break counts. Every kernel
 goes to kernels.json; the autotuner's picks for the models' shapes are printed.
 
+``--whole-window sdpa matmul kernels`` profiles and times dinat_mini once per way of running its
+whole-window layers (11 of its 18: every dilated one, and the 7x7 level), whose dilation groups are
+single windows (``dinat.ops.grouped``): ``sdpa`` (the CUDA default: the memory-efficient kernel,
+64x64 tiles over 49 tokens), ``matmul`` (matmul, softmax, matmul: compiled, inductor fuses the bias,
+softmax and cast between the batched matmuls) or ``kernels`` (the Triton neighborhood kernels,
+which handle these maps like any other).
+
     python benchmarks/cuda_kernels.py --output DIR    # on a GPU machine; writes DIR/kernels.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +45,7 @@ from dinat.bench import _build, interleaved_medians, to_device, training_step, w
 from dinat.checkpoints import write_text_atomic
 from dinat.config import COMPILE_MODES
 from dinat.factory import compile_model
-from dinat.ops import na2d, triton_na
+from dinat.ops import grouped, na2d, triton_na
 
 LEVELS = ((56, 2), (28, 4), (14, 8))
 # the autotuner's candidates (those slower on an H200 or an H100 before: BENCHMARKS.md)
@@ -147,18 +156,60 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
     return row
 
 
+WHOLE_WINDOW = ("sdpa", "matmul", "kernels")
+
+
+@contextlib.contextmanager
+def whole_window_as(way: str):
+    """Run the whole-window maps of the ops called in this block as ``way`` (one of WHOLE_WINDOW).
+
+    A benchmark's switch, not an API: it swaps the two functions the CUDA backends consult, for the
+    block only; a compiled model calls its step inside it at every call, so torch.compile's guards
+    see the same functions at every call as at its trace."""
+    if way not in WHOLE_WINDOW:
+        raise ValueError(f"whole-window way must be one of {WHOLE_WINDOW}, got {way!r}")
+    original = grouped.is_whole, grouped.sdpa_by_default
+    if way == "kernels":
+        grouped.is_whole = lambda height, width, kernel, dilation: False
+    elif way == "matmul":
+        grouped.sdpa_by_default = lambda device_type, features, rpb: False
+    try:
+        yield
+    finally:
+        grouped.is_whole, grouped.sdpa_by_default = original
+
+
+def _with_whole_window(step: Callable[[], None], way: str) -> Callable[[], None]:
+    """``step``, its whole windows run as ``way`` (each call inside :func:`whole_window_as`)."""
+
+    def wrapped() -> None:
+        with whole_window_as(way):
+            step()
+
+    return wrapped
+
+
+def _label_of(name: str, way: str) -> str:
+    """The model's name, with ``[way]`` for a dinat model whose whole windows are not run the default way."""
+    return name if way == "sdpa" or not name.startswith("dinat") else f"{name}[{way}]"
+
+
 def _model(name: str, compile_mode: str | None) -> torch.nn.Module:
     """Model ``name`` on CUDA in training mode, compiled in ``compile_mode`` if given."""
     model = to_device(_build(name), torch.device("cuda")).train()
     return compile_model(model, compile_mode) if compile_mode else model
 
 
-def model_profile(name: str, batch: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:
+def model_profile(
+    name: str, batch: int, dtype: torch.dtype, compile_mode: str | None = None, way: str = "sdpa"
+) -> dict:
     torch.manual_seed(0)
     model = _model(name, compile_mode)
     images = to_device(torch.randn(batch, 3, 224, 224), torch.device("cuda"))
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
     step = training_step(model, images, targets, dict(device_type="cuda", dtype=dtype))  # the bench's step
+    step = _with_whole_window(step, way)
+    name = _label_of(name, way)
 
     for _ in range(3):
         step()
@@ -192,15 +243,22 @@ def model_profile(name: str, batch: int, dtype: torch.dtype, compile_mode: str |
             "issue_ms": launched * 1e3, "compiled": compiled, "kernels": kernels}  # fmt: skip
 
 
-def side_by_side(names: tuple[str, ...], batch: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:
+def side_by_side(
+    names: tuple[str, ...], batch: int, dtype: torch.dtype, compile_mode: str | None = None, ways=("sdpa",)
+) -> dict:
     """ms per training step of each model, all resident and timed as `dinat bench` times them
     (bench.interleaved_medians: round-robin samples of pipelined steps): beside model_profile's
-    figures, this tells the bench's way of timing from what ran before it in the bench's process."""
+    figures, this tells the bench's way of timing from what ran before it in the bench's process.
+    A dinat model runs once per whole-window way in ``ways``."""
     torch.manual_seed(0)
     images = to_device(torch.randn(batch, 3, 224, 224), torch.device("cuda"))
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
     autocast = dict(device_type="cuda", dtype=dtype)
-    steps = {name: training_step(_model(name, compile_mode), images, targets, autocast) for name in names}
+    steps = {}
+    for name in names:
+        for way in ways if name.startswith("dinat") else ("sdpa",):
+            step = training_step(_model(name, compile_mode), images, targets, autocast)
+            steps[_label_of(name, way)] = _with_whole_window(step, way)
     medians = interleaved_medians(steps, 4, torch.device("cuda"))
     figures = ", ".join(f"{name} {seconds * 1e3:.1f} ms/step" for name, seconds in medians.items())
     print(f"side by side, as `dinat bench` times them: {figures}", flush=True)
@@ -216,6 +274,10 @@ def main() -> None:
     parser.add_argument(
         "--compile", choices=COMPILE_MODES, help="the training steps compiled in this mode (e.g. reduce-overhead)"
     )
+    parser.add_argument(
+        "--whole-window", nargs="+", choices=WHOLE_WINDOW, default=["sdpa"],
+        help="dinat_mini once per way of running its whole-window layers (default: sdpa, the backends' own)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available() or not triton_na.available():
         raise SystemExit(f"needs CUDA and Triton: {triton_na.unavailable_reason() or 'no CUDA device'}")
@@ -228,9 +290,12 @@ def main() -> None:
     models = () if args.skip_models else ("dinat_mini", "swin_tiny_patch4_window7_224")
     args.output.mkdir(parents=True, exist_ok=True)
     results["compile"] = args.compile
-    results["models"] = [_recorded(model_profile, name, args.batch, dtype, args.compile) for name in models]
+    results["whole_window"] = args.whole_window
+    profiles = [(name, way) for name in models for way in (args.whole_window if name.startswith("dinat") else ["sdpa"])]
+    results["models"] = [_recorded(model_profile, name, args.batch, dtype, args.compile, way) for name, way in profiles]
     if models:
-        results["side_by_side_ms"] = _recorded(side_by_side, models, args.batch, dtype, args.compile)
+        ways = tuple(args.whole_window)
+        results["side_by_side_ms"] = _recorded(side_by_side, models, args.batch, dtype, args.compile, ways)
     results["levels"] = [_recorded(op_level, size, heads, args.batch, dtype) for size, heads in LEVELS]
     write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
     measured = results["models"] + results["levels"] + [results.get("side_by_side_ms", {})]

@@ -20,12 +20,13 @@ ALL_KERNELS = (*FUSED, "dot", "weighted_sum", "scatter")
 # warps: the one that compiles fastest; warps leave the pipelined buffers alone) at every size, and
 # of several rows the largest tiles (the most places per program, then the widest: 16 places in 2
 # rows hold key and query tiles at least as large as 8 in 4) at the sizes that launch several rows
-# (wide float32 runs 1 row: test below). Kernel 13x13 sizes the dk/dv query tile for the widest reach.
+# (wide float32 runs 1 row: test below). Kernel 13x13, the widest reach, bounds the smaller ones:
+# its key and query tiles and rpb columns are the largest (at tile 16, 7x7's key tiles are as wide).
 MOST_STAGES = max(triton_na.TILES, key=lambda c: (c.stages, c.warps))
 MOST_ROWS = max((c for c in triton_na.TILES if c.rows > 1), key=lambda c: (c.rows * c.tile, c.tile, c.warps))
 SIZES = [(torch.float32, 256), (torch.float32, 128), (torch.float16, 256)]
-SHARED_MEMORY_CASES = [(MOST_STAGES, dtype, dim, kernel) for dtype, dim in SIZES for kernel in [(7, 7), (13, 13)]]
-SHARED_MEMORY_CASES += [(MOST_ROWS, t, dim, (7, 7)) for t, dim in SIZES if not triton_na._is_wide_fp32(t, dim)]
+SHARED_MEMORY_CASES = [(MOST_STAGES, dtype, dim, (13, 13)) for dtype, dim in SIZES]
+SHARED_MEMORY_CASES += [(MOST_ROWS, t, dim, (13, 13)) for t, dim in SIZES if not triton_na._is_wide_fp32(t, dim)]
 
 
 @pytest.mark.skipif(

@@ -22,7 +22,8 @@ whole-window layers (11 of its 18: every dilated one, and the 7x7 level), whose 
 single windows (``dinat.ops.grouped``): ``sdpa`` (the CUDA default: the memory-efficient kernel,
 64x64 tiles over 49 tokens), ``matmul`` (matmul, softmax, matmul: compiled, inductor fuses the bias,
 softmax and cast between the batched matmuls) or ``kernels`` (the Triton neighborhood kernels,
-which handle these maps like any other).
+which handle these maps like any other); and times the op's forward+backward each way at those
+maps against window attention, compiled as the steps are (every run does this for its ways).
 
     python benchmarks/cuda_kernels.py --output DIR    # on a GPU machine; writes DIR/kernels.json
 """
@@ -37,6 +38,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -45,9 +47,11 @@ from dinat.bench import _build, interleaved_medians, to_device, training_step, w
 from dinat.checkpoints import write_text_atomic
 from dinat.config import COMPILE_MODES
 from dinat.factory import compile_model
-from dinat.ops import grouped, na2d, triton_na
+from dinat.ops import grouped, na2d, na2d_qkvpacked, triton_na
 
+T = TypeVar("T")
 LEVELS = ((56, 2), (28, 4), (14, 8))
+WHOLE_WINDOW_LEVELS = ((56, 2, 8), (28, 4, 4), (14, 8, 2), (7, 16, 1))  # (side, heads, dilation)
 # the autotuner's candidates (those slower on an H200 or an H100 before: BENCHMARKS.md)
 CONFIGS = triton_na.TILES
 
@@ -179,14 +183,51 @@ def whole_window_as(way: str):
         grouped.is_whole, grouped.sdpa_by_default = original
 
 
-def _with_whole_window(step: Callable[[], None], way: str) -> Callable[[], None]:
-    """``step``, its whole windows run as ``way`` (each call inside :func:`whole_window_as`)."""
+def _with_whole_window(fn: Callable[[], T], way: str) -> Callable[[], T]:
+    """``fn``, its whole windows run as ``way`` (each call inside :func:`whole_window_as`)."""
 
-    def wrapped() -> None:
+    def wrapped() -> T:
         with whole_window_as(way):
-            step()
+            return fn()
 
     return wrapped
+
+
+def whole_window_level(
+    size: int,
+    heads: int,
+    dilation: int,
+    batch: int,
+    dtype: torch.dtype,
+    ways: tuple[str, ...],
+    compile_mode: str | None,
+) -> dict:
+    """The op's forward+backward at one of DiNAT-Mini's whole-window maps, run each of ``ways``,
+    against window attention on the same tokens, all compiled in ``compile_mode`` (with
+    ``reduce-overhead`` as a compiled training step runs them: CUDA graphs), timed side by side."""
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, size, size, 3, heads, 32, generator=gen).to("cuda", dtype).requires_grad_()
+    rpb = (torch.randn(heads, 13, 13, generator=gen) * 0.02).cuda().requires_grad_()
+    bias = (torch.randn(heads, 49, 49, generator=gen) * 0.02).to("cuda", dtype).requires_grad_()
+    grad = torch.randn(batch, size, size, heads, 32, generator=gen).to("cuda", dtype)
+    forwards = {way: lambda: na2d_qkvpacked(qkv, 7, dilation, rpb) for way in ways}
+    forwards["window"] = lambda: window_attention(*qkv.unbind(3), bias)
+    if compile_mode:
+        for tensor in (qkv, rpb, bias):  # CUDA graphs read them in place (bench.op_rows)
+            torch._dynamo.mark_static_address(tensor)
+        forwards = {name: compile_model(f, compile_mode) for name, f in forwards.items()}
+    steps = {
+        name: _with_whole_window(lambda f=f: f().backward(grad), name if name in ways else "sdpa")
+        for name, f in forwards.items()
+    }
+    ms = {name: seconds * 1e3 for name, seconds in interleaved_medians(steps, 20, torch.device("cuda")).items()}
+    shape = f"{size}x{size} h{heads} d{dilation}"
+    each = ", ".join(f"{name} {ms[name]:.3f} ms ({ms[name] / ms['window']:.2f}x)" for name in ways)
+    print(
+        f"  {shape} fwd+bwd{f' ({compile_mode})' if compile_mode else ''}: {each}, window {ms['window']:.3f} ms",
+        flush=True,
+    )
+    return {"shape": shape, "compile": compile_mode, "fwdbwd_ms": ms}
 
 
 def _label_of(name: str, way: str) -> str:
@@ -297,8 +338,13 @@ def main() -> None:
         ways = tuple(args.whole_window)
         results["side_by_side_ms"] = _recorded(side_by_side, models, args.batch, dtype, args.compile, ways)
     results["levels"] = [_recorded(op_level, size, heads, args.batch, dtype) for size, heads in LEVELS]
+    results["whole_window_levels"] = [
+        _recorded(whole_window_level, *level, args.batch, dtype, tuple(args.whole_window), args.compile)
+        for level in WHOLE_WINDOW_LEVELS
+    ]
     write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
-    measured = results["models"] + results["levels"] + [results.get("side_by_side_ms", {})]
+    measured = results["models"] + results["levels"] + results["whole_window_levels"]
+    measured.append(results.get("side_by_side_ms", {}))
     failed = [r for r in measured if "error" in r]
     if failed:
         raise SystemExit(f"{len(failed)} of the measurements failed (see kernels.json)")

@@ -5,7 +5,9 @@ kernels' time (BENCHMARKS.md, "GPU"), so every microsecond of Python and dispatc
 counts. This runs the Triton backend's host code (checks, custom ops, autograd,
 allocations, the rpb gradient's reduction) on tiny CPU tensors in Triton's interpreter mode with
 every kernel launch replaced by a no-op, and reports microseconds per forward+backward: the part of
-the cost that is ours, measurable on any machine.
+the cost that is ours, measurable on any machine. Likewise the op at a whole-window map (7x7, 16
+heads, as DiNAT-Mini's last level: batched attention, ``dinat.ops.grouped``, as CUDA runs it, SDPA),
+against Swin's window attention (``bench.window_attention``) on the same tiny tensors: host time only.
 
 Then, for dinat_mini (attention on this backend) and timm's Swin-T, it counts the PyTorch ops that
 one training step's forward and backward dispatch, and the Triton kernels they launch (views aside:
@@ -30,8 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise SystemExit("run with TRITON_INTERPRET=1 (the backend then accepts CPU tensors)")
 
-from dinat.bench import _build  # noqa: E402
-from dinat.ops import na2d, triton_kernels, triton_na, use_backend  # noqa: E402
+from dinat.bench import _build, window_attention  # noqa: E402
+from dinat.ops import grouped, na2d, triton_kernels, triton_na, use_backend  # noqa: E402
 
 # ops that make no kernel launch: views, metadata, and uninitialised allocations
 _NO_LAUNCH = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze",
@@ -93,6 +95,21 @@ def training_step_ops(name: str) -> tuple[Counter[str], int, int]:
     return counter.counts, blocks, sum(activations)
 
 
+def host_times(attend, grad: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median microseconds of ``attend()`` (no grad) and of ``attend().backward(grad)``."""
+    times = {"forward": [], "forward+backward": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            attend()
+        middle = time.perf_counter()
+        attend().backward(grad)
+        end = time.perf_counter()
+        times["forward"].append(middle - start)
+        times["forward+backward"].append(end - middle)
+    return {name: statistics.median(values) * 1e6 for name, values in times.items()}
+
+
 def main(repeats: int = 2000) -> None:
     triton_na._fused_kernel = lambda name, dtype, head_dim: _NoLaunch()
     for name in dir(triton_kernels):
@@ -101,20 +118,21 @@ def main(repeats: int = 2000) -> None:
     qkv = torch.randn(2, 14, 14, 3, 3, 32, requires_grad=True)  # as a qkv projection gives them
     q, k, v = qkv.unbind(3)
     rpb = torch.randn(3, 13, 13, requires_grad=True)
-    grad = torch.randn(2, 14, 14, 3, 32)
-    times = {"forward": [], "forward+backward": []}
     with use_backend("triton"):
-        for _ in range(repeats):
-            start = time.perf_counter()
-            with torch.no_grad():
-                na2d(q, k, v, 7, 1, rpb)
-            middle = time.perf_counter()
-            na2d(q, k, v, 7, 1, rpb).backward(grad)
-            end = time.perf_counter()
-            times["forward"].append(middle - start)
-            times["forward+backward"].append(end - middle)
-    for name, values in times.items():
-        print(f"{name}: {statistics.median(values) * 1e6:.0f} us (median of {repeats})")
+        us = host_times(lambda: na2d(q, k, v, 7, 1, rpb), torch.randn(2, 14, 14, 3, 32), repeats)
+    print(", ".join(f"{name}: {value:.0f} us" for name, value in us.items()) + f" (median of {repeats})")
+
+    grouped.sdpa_by_default = lambda device_type, features, rpb: True  # the whole-window path CUDA takes
+    q, k, v = torch.randn(3, 1, 7, 7, 16, 8).unbind()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    rpb, bias = torch.randn(16, 13, 13, requires_grad=True), torch.randn(16, 49, 49, requires_grad=True)
+    grad = torch.randn(1, 7, 7, 16, 8)
+    with use_backend("triton"):
+        ours = host_times(lambda: na2d(q, k, v, 7, 1, rpb), grad, repeats)
+    window = host_times(lambda: window_attention(q, k, v, bias), grad, repeats)
+    print("whole-window map (7x7, 16 heads), against window attention: " + ", ".join(
+        f"{name} {ours[name]:.0f} against {window[name]:.0f} us ({ours[name] / window[name]:.2f}x)" for name in ours
+    ))  # fmt: skip
     for name in ("dinat_mini", "swin_tiny_patch4_window7_224"):
         counts, blocks, activations = training_step_ops(name)
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))

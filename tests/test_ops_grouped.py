@@ -101,3 +101,25 @@ def test_sdpa_on_cuda_unless_only_the_rpb_needs_a_gradient() -> None:
     with torch.no_grad():
         assert grouped.sdpa_by_default("cuda", (q, q, q), rpb)
     assert grouped.sdpa_by_default("cuda", (q.requires_grad_(), q, q), rpb)
+
+
+def test_rpb_gather_is_an_index_select() -> None:
+    """The bias comes from the flat rpb table by index_select, whose backward is one index_add:
+    advanced indexing's backward (index_put with accumulate) took the host 4x as long (16 heads,
+    benchmarks/triton_host_overhead.py), and eagerly on CUDA the small maps are bound by the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 7, 7, 2, 8, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 13, 13, requires_grad=True)
+    with Ops() as ops:
+        grouped.attention(q, k, v, (7, 7), (1, 1), rpb, 0.3, sdpa=True).sum().backward()
+    assert {"index_select", "index_add"} <= ops.names and not {"index", "index_put"} & ops.names, ops.names

@@ -105,8 +105,8 @@ def test_sdpa_on_cuda_unless_only_the_rpb_needs_a_gradient() -> None:
 
 def test_rpb_gather_is_an_index_select() -> None:
     """The bias comes from the flat rpb table by index_select, whose backward is one index_add:
-    advanced indexing's backward (index_put with accumulate) took the host 4x as long (16 heads,
-    benchmarks/triton_host_overhead.py), and eagerly on CUDA the small maps are bound by the host."""
+    with advanced indexing's backward (index_put with accumulate) the op took the host more time
+    (benchmarks/triton_host_overhead.py), and eagerly on CUDA the small maps are bound by the host."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):

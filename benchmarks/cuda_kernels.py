@@ -210,6 +210,9 @@ def whole_window_level(
     rpb = (torch.randn(heads, 13, 13, generator=gen) * 0.02).cuda().requires_grad_()
     bias = (torch.randn(heads, 49, 49, generator=gen) * 0.02).to("cuda", dtype).requires_grad_()
     grad = torch.randn(batch, size, size, heads, 32, generator=gen).to("cuda", dtype)
+    # every level compiles the same lambdas again, and dynamo keeps 8 compilations of a function at
+    # most (then runs it uncompiled): start each level afresh
+    torch._dynamo.reset()
     forwards = {way: lambda: na2d_qkvpacked(qkv, 7, dilation, rpb) for way in ways}
     forwards["window"] = lambda: window_attention(*qkv.unbind(3), bias)
     if compile_mode:

@@ -233,9 +233,14 @@ def whole_window_level(
     return {"shape": shape, "compile": compile_mode, "fwdbwd_ms": ms}
 
 
+def _runs(names: tuple[str, ...], ways: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(model, whole-window way) pairs: each dinat model once per way in ``ways``, the others once."""
+    return [(name, way) for name in names for way in (ways if name.startswith("dinat") else ("sdpa",))]
+
+
 def _label_of(name: str, way: str) -> str:
-    """The model's name, with ``[way]`` for a dinat model whose whole windows are not run the default way."""
-    return name if way == "sdpa" or not name.startswith("dinat") else f"{name}[{way}]"
+    """The model's name, with ``[way]`` where its whole windows are not run the default way."""
+    return name if way == "sdpa" else f"{name}[{way}]"
 
 
 def _model(name: str, compile_mode: str | None) -> torch.nn.Module:
@@ -299,10 +304,9 @@ def side_by_side(
     targets = torch.zeros(batch, dtype=torch.long, device="cuda")
     autocast = dict(device_type="cuda", dtype=dtype)
     steps = {}
-    for name in names:
-        for way in ways if name.startswith("dinat") else ("sdpa",):
-            step = training_step(_model(name, compile_mode), images, targets, autocast)
-            steps[_label_of(name, way)] = _with_whole_window(step, way)
+    for name, way in _runs(names, ways):
+        step = training_step(_model(name, compile_mode), images, targets, autocast)
+        steps[_label_of(name, way)] = _with_whole_window(step, way)
     medians = interleaved_medians(steps, 4, torch.device("cuda"))
     figures = ", ".join(f"{name} {seconds * 1e3:.1f} ms/step" for name, seconds in medians.items())
     print(f"side by side, as `dinat bench` times them: {figures}", flush=True)
@@ -335,15 +339,15 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     results["compile"] = args.compile
     results["whole_window"] = args.whole_window
-    profiles = [(name, way) for name in models for way in (args.whole_window if name.startswith("dinat") else ["sdpa"])]
-    results["models"] = [_recorded(model_profile, name, args.batch, dtype, args.compile, way) for name, way in profiles]
+    ways = tuple(args.whole_window)
+    results["models"] = [
+        _recorded(model_profile, name, args.batch, dtype, args.compile, way) for name, way in _runs(models, ways)
+    ]
     if models:
-        ways = tuple(args.whole_window)
         results["side_by_side_ms"] = _recorded(side_by_side, models, args.batch, dtype, args.compile, ways)
     results["levels"] = [_recorded(op_level, size, heads, args.batch, dtype) for size, heads in LEVELS]
     results["whole_window_levels"] = [
-        _recorded(whole_window_level, *level, args.batch, dtype, tuple(args.whole_window), args.compile)
-        for level in WHOLE_WINDOW_LEVELS
+        _recorded(whole_window_level, *level, args.batch, dtype, ways, args.compile) for level in WHOLE_WINDOW_LEVELS
     ]
     write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
     measured = results["models"] + results["levels"] + results["whole_window_levels"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import urllib.error
 
 import pytest
@@ -22,7 +23,7 @@ from dinat.checkpoints import (
     load_checkpoint,
     load_state_dict,
     resize_rpb,
-    resolve_download,
+    resolve_pretrained_file,
     save_checkpoint,
     unwrap_state_dict,
     write_text_atomic,
@@ -90,6 +91,67 @@ def test_create_model_features_only_checkpoint_path(source, tmp_path) -> None:
     del state_dict["levels.0.blocks.0.attn.rpb"]
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): levels.0.blocks.0.attn.rpb"):
         dinat.create_model("dinat_mini", features_only=True, checkpoint_path=_write("bare", state_dict, tmp_path))
+
+
+def test_features_only_takes_a_file_with_another_head(source, tmp_path) -> None:
+    """A backbone from a file with any classifier (ImageNet-22K's 21841 classes, a fine-tuned 10):
+    features_only has no head, so the file's is not compared; the rest still is, strictly."""
+    state_dict = dict(source[0], **{"head.weight": torch.zeros(10, 512), "head.bias": torch.zeros(10)})
+    path = _write("bare", state_dict, tmp_path)
+    full = dinat.create_model("dinat_mini", checkpoint_path=_write("ddp", source[0], tmp_path / "..")).eval()
+    through_timm = timm.create_model(
+        "dinat_mini", features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path)
+    ).eval()
+    through_dinat = dinat.create_model("dinat_mini", features_only=True, checkpoint_path=path).eval()
+    with torch.no_grad():
+        expected = full.forward_intermediates(X, intermediates_only=True)
+        for features in (through_timm, through_dinat):
+            for got, want in zip(features(X), expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    state_dict["levels.1.downsample.reduction.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointMismatchError, match=r"levels.1.downsample.reduction.weight: checkpoint \(3,\)"):
+        dinat.create_model("dinat_mini", features_only=True, checkpoint_path=_write("bare", state_dict, tmp_path))
+
+
+@pytest.mark.parametrize("features_only", [False, True], ids=["model", "features_only"])
+def test_bad_pretrained_file_is_a_clear_error(tmp_path, features_only: bool) -> None:
+    """timm.create_model(pretrained=True, pretrained_cfg_overlay=dict(file=...)), and
+    dinat.create_model(checkpoint_path=...) with features_only, which goes that way: the file is
+    checked before timm's reader sees it (which fails with a bare KeyError, EOFError or
+    AttributeError), and the error names it."""
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(1000)}, good)
+    files = {
+        "garbage.pth": b"hello",
+        "empty.pth": b"",
+        "truncated.pth": good.read_bytes()[:300],
+        "bad.safetensors": b"not a checkpoint",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    torch.save({"optimizer": {}}, tmp_path / "no_weights.pth")
+    expected = {
+        "garbage.pth": " is not a readable checkpoint: neither a zip archive nor a pickle",
+        "empty.pth": " is not a readable checkpoint: neither a zip archive nor a pickle",
+        "truncated.pth": " is not a readable checkpoint: neither a zip archive nor a pickle",
+        "bad.safetensors": " is not a readable checkpoint: SafetensorError",
+        "list.pth": ": a checkpoint must be a dict, got list",
+        "no_weights.pth": ": checkpoint is neither a state_dict nor a wrapper",
+    }
+    for name, message in expected.items():
+        path = tmp_path / name
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}{message}"):
+            timm.create_model(
+                "dinat_mini", pretrained=True, features_only=features_only, pretrained_cfg_overlay=dict(file=str(path))
+            )
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}{message}"):
+            dinat.create_model("dinat_mini", features_only=features_only, checkpoint_path=path)
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint file at {missing}"):
+        timm.create_model("dinat_mini", pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint file at {missing}"):
+        dinat.create_model("dinat_mini", features_only=features_only, checkpoint_path=missing)
 
 
 def test_pretrained_new_head(source, tmp_path) -> None:
@@ -246,12 +308,12 @@ def test_alternative_url(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr("timm.models._hub.download_cached_file", fake_download)
     torch.save(timm.create_model("dinat_s_tiny").state_dict(), tmp_path / "w.pth")
     kwargs: dict = {}
-    resolve_download("dinat_s_tiny", kwargs)
+    resolve_pretrained_file("dinat_s_tiny", kwargs)
     assert tried[0].endswith("dinat_s_tiny_in1k_224.pth") and tried[1].endswith("dinat_s_tiny_1k_224.pth")
     assert kwargs["pretrained_cfg_overlay"]["file"] == str(tmp_path / "w.pth")
-    kwargs = {"pretrained_cfg_overlay": {"file": "local.pth"}}
-    resolve_download("dinat_s_tiny", kwargs)
-    assert kwargs == {"pretrained_cfg_overlay": {"file": "local.pth"}} and len(tried) == 2
+    kwargs = {"pretrained_cfg_overlay": {"file": str(tmp_path / "w.pth")}}  # the user's own file: no download
+    resolve_pretrained_file("dinat_s_tiny", kwargs)
+    assert kwargs == {"pretrained_cfg_overlay": {"file": str(tmp_path / "w.pth")}} and len(tried) == 2
     # timm.create_model(..., cache_dir=D) downloads into D, the fallback URLs too
     timm.create_model("dinat_s_tiny", pretrained=True, cache_dir=str(tmp_path / "cache"))
     assert cache_dirs == [None, None, str(tmp_path / "cache"), str(tmp_path / "cache")]
@@ -319,5 +381,5 @@ def test_bad_cached_download_is_a_clear_error(monkeypatch, tmp_path, capsys) -> 
         "timm.models._hub.download_cached_file", lambda url, **kwargs: str(downloads[url.rpartition("/")[2]])
     )
     kwargs: dict = {}
-    resolve_download("dinat_s_tiny", kwargs)
+    resolve_pretrained_file("dinat_s_tiny", kwargs)
     assert kwargs["pretrained_cfg_overlay"]["file"] == str(good)

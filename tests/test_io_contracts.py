@@ -22,7 +22,7 @@ from dinat.checkpoints import (
     CheckpointMismatchError,
     load_checkpoint,
     resize_rpb,
-    resolve_download,
+    resolve_pretrained_file,
     unwrap_state_dict,
 )
 from dinat.data import DataError, Digits, ImageFolder
@@ -117,7 +117,7 @@ def test_download_keeps_the_callers_cfg_overlay(monkeypatch, nano_file) -> None:
     """The downloaded file is added to the caller's pretrained_cfg_overlay, not put in its place."""
     monkeypatch.setattr("timm.models._hub.download_cached_file", lambda url, **kwargs: str(nano_file[1]))
     kwargs: dict = {"pretrained_cfg_overlay": {"crop_pct": 1.0, "mean": (0.5, 0.5, 0.5)}}
-    resolve_download("dinat_mini", kwargs)
+    resolve_pretrained_file("dinat_mini", kwargs)
     assert kwargs["pretrained_cfg_overlay"] == {"crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "file": str(nano_file[1])}
 
 

@@ -8,7 +8,8 @@
   :class:`CheckpointMismatchError` listing missing, unexpected and wrong-shaped keys.
 * :func:`checkpoint_filter_fn` is the timm ``pretrained_filter_fn`` of every model here, so
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` goes through
-  the same unwrapping and checking.
+  the same unwrapping and checking; :func:`resolve_pretrained_file` checks that file (or downloads
+  the official one) before timm reads it.
 * :func:`resize_rpb` resizes every relative positional bias table to another kernel size
   (bicubic, as Swin does): how ``dinat_large_in22k_224_11x11interp.pth`` was made from the 7x7 one.
 * :func:`save_checkpoint` writes atomically (temporary file in the same folder, then os.replace);
@@ -99,10 +100,11 @@ def training_config(checkpoint: Any) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
     """The object in a ``.pth`` (``torch.load``, weights only) or ``.safetensors`` file, on the CPU.
     A missing file is a FileNotFoundError, an unreadable one (truncated, not a checkpoint) a
-    :class:`CheckpointError`; both name the file."""
+    :class:`CheckpointError`; both name the file. ``mmap``: a zip archive's tensors are mapped
+    from the file, not read (torch's pickle format before 1.6 and safetensors files are read)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
@@ -113,7 +115,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             return load_file(str(path), device="cpu")
         safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
         with safe_globals(SAFE_GLOBALS) if safe_globals else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            mmap = mmap and zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch.load raises many kinds (pickle, zip, EOF, RuntimeError)
         raise CheckpointError(f"{path} is not a readable checkpoint: {_load_failure(path, error)}") from error
 
@@ -140,9 +143,14 @@ def _load_failure(path: Path, error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
 
 
-def load_state_dict(path: str | os.PathLike, use_ema: bool = True) -> dict[str, Tensor]:
-    """Read a ``.pth`` (weights only) or ``.safetensors`` checkpoint and unwrap it."""
-    return unwrap_state_dict(read_checkpoint(path), use_ema)
+def load_state_dict(path: str | os.PathLike, use_ema: bool = True, mmap: bool = False) -> dict[str, Tensor]:
+    """Read a ``.pth`` (weights only) or ``.safetensors`` checkpoint (``mmap``: as
+    :func:`read_checkpoint`'s) and unwrap it; every error names the file."""
+    checkpoint = read_checkpoint(path, mmap)
+    try:
+        return unwrap_state_dict(checkpoint, use_ema)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
 
 
 def check_state_dict(
@@ -202,15 +210,17 @@ def load_checkpoint(
     return report
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: nn.Module, features_only: bool = False
+) -> dict[str, Tensor]:
     """timm ``pretrained_filter_fn``: unwrap, keep computed index buffers, and check the keys and
     shapes strictly. The classifier is exempt when the model's class count differs from the
-    pretrained cfg's (timm then drops it), and the first conv when ``in_chans`` differs (timm
-    adapts it)."""
+    pretrained cfg's, or for a ``features_only`` model (timm then drops it), and the first conv when
+    ``in_chans`` differs (timm adapts it)."""
     state_dict = _with_own_index(model, unwrap_state_dict(state_dict))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     ignore = []
-    if cfg.get("classifier") and getattr(model, "num_classes", None) != cfg.get("num_classes"):
+    if cfg.get("classifier") and (features_only or getattr(model, "num_classes", None) != cfg.get("num_classes")):
         ignore += [f"{cfg['classifier']}.weight", f"{cfg['classifier']}.bias"]
     first_conv = cfg.get("first_conv")
     if first_conv:
@@ -298,11 +308,14 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
 DOWNLOAD_HINT = "\ndownload the file and pass it with --checkpoint (validate) or --initial-checkpoint (train)"
 
 
-def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
-    """Download the pretrained weights of ``variant`` (the cfg's URL, then its fallbacks in
-    :data:`dinat.models._common.ALT_URLS`) and point ``kwargs['pretrained_cfg_overlay']`` at the
-    cached file; none downloading is a :class:`CheckpointError` naming every URL tried and the way
-    out. Does nothing when the cfg already names a file or state_dict, or has no URL."""
+def resolve_pretrained_file(variant: str, kwargs: dict[str, Any]) -> None:
+    """The pretrained weights of ``variant``, checked before timm reads them (its reader fails on a
+    bad file with a bare KeyError or EOFError; the check maps the weights, it does not copy them).
+    A file the cfg names (``pretrained_cfg_overlay=dict(file=...)``) is checked; without one, the
+    cfg's URL, then its fallbacks in :data:`dinat.models._common.ALT_URLS`, are downloaded and
+    checked, and ``kwargs['pretrained_cfg_overlay']`` points at the first good cached file; none is
+    a :class:`CheckpointError` naming every URL tried and the way out. Nothing to do for a
+    state_dict in the cfg, or a cfg without URL."""
     from timm.models._builder import resolve_pretrained_cfg
     from timm.models._hub import download_cached_file
 
@@ -311,7 +324,12 @@ def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
     url = cfg.get("url")
-    if cfg.get("file") or cfg.get("state_dict") or not url:
+    if cfg.get("state_dict"):
+        return
+    if cfg.get("file"):
+        load_state_dict(cfg["file"], mmap=True)
+        return
+    if not url:
         return
     cache = {"cache_dir": kwargs["cache_dir"]} if kwargs.get("cache_dir") else {}  # as timm.create_model's
     errors = []
@@ -321,11 +339,10 @@ def resolve_download(variant: str, kwargs: dict[str, Any]) -> None:
         except OSError as err:  # urllib's HTTPError / URLError are OSErrors
             errors.append(f"{candidate}: {err}")
             continue
-        if not path.endswith(".safetensors") and not _is_archive_or_pickle(Path(path)):  # e.g. an HTML page
-            errors.append(
-                f"{candidate}: its cached download {path} is not a readable checkpoint (neither a zip archive nor "
-                "a pickle: a truncated download, or another kind of file); delete it to download it again"
-            )
+        try:
+            load_state_dict(path, mmap=True)  # not an HTML page, nor a truncated download
+        except CheckpointError as err:
+            errors.append(f"{candidate}: its cached download {err}; delete it to download it again")
             continue
         kwargs["pretrained_cfg_overlay"] = dict(overlay, file=path)
         return

@@ -6,6 +6,7 @@ All tensors between the stem and the head are channels last, (B, H, W, C), as in
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -410,20 +411,21 @@ def create(
     **kwargs: Any,
 ) -> nn.Module:
     """build_model_with_cfg with the checkpoint filter, the feature getter for the 4-stage models,
-    and pretrained weights downloaded by :func:`dinat.checkpoints.resolve_download` (fallback URLs,
-    a clear error offline)."""
-    from ..checkpoints import checkpoint_filter_fn, resolve_download
+    and pretrained weights checked, or downloaded, by
+    :func:`dinat.checkpoints.resolve_pretrained_file` (fallback URLs, clear errors)."""
+    from ..checkpoints import checkpoint_filter_fn, resolve_pretrained_file
 
     if pretrained:
-        resolve_download(variant, kwargs)
+        resolve_pretrained_file(variant, kwargs)
     feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3)) if hierarchical else None
-    if not hierarchical and kwargs.get("features_only"):
+    features_only = bool(kwargs.get("features_only"))
+    if not hierarchical and features_only:
         raise ValueError(f"{variant} is isotropic: features_only is for the hierarchical models")
     return build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=functools.partial(checkpoint_filter_fn, features_only=features_only),
         feature_cfg=feature_cfg,
         **dict(model_args, **kwargs),
     )

@@ -7,6 +7,7 @@ import torch
 
 from conftest import assert_empty_batch_works, cpu_backends
 from dinat.layers import NeighborhoodAttention2D
+from dinat.models.isotropic import RelPosSelfAttention
 from dinat.ops import na2d, na2d_av, na2d_qk, na2d_qkvpacked, use_backend
 
 
@@ -99,8 +100,30 @@ def test_module_pads_instead_of_failing() -> None:
     assert list(layer.state_dict()) == ["rpb", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]  # original order
     with pytest.raises(ValueError, match=r"expected input \(B, H, W, 8\), got shape \(2, 6, 13, 7\)"):
         layer(torch.randn(2, 6, 13, 7))
-    with pytest.raises(ValueError, match="dim 8 must be a positive multiple of num_heads 3"):
+    with pytest.raises(ValueError, match="dim 8 must be a multiple of num_heads 3"):
         NeighborhoodAttention2D(dim=8, num_heads=3, kernel_size=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=0, num_heads=1), "dim must be a positive int, got 0"),
+        (dict(dim=-4, num_heads=2), "dim must be a positive int, got -4"),
+        (dict(dim=8.0, num_heads=2), "dim must be a positive int, got 8.0"),
+        (dict(dim=8, num_heads=2.0), "num_heads must be a positive int, got 2.0"),
+        (dict(dim=8, num_heads=True), "num_heads must be a positive int, got True"),
+        (dict(dim=8, num_heads=0), "num_heads must be a positive int, got 0"),
+        (dict(dim=8, num_heads=2, qk_scale=0.0), r"qk_scale must be positive \(None: head_dim \*\* -0.5\), got 0.0"),
+        (dict(dim=8, num_heads=2, qk_scale=-1), "qk_scale must be positive .*, got -1"),
+    ],
+)
+def test_attention_modules_name_a_bad_size_or_scale(kwargs: dict, message: str) -> None:
+    """Both attention modules (neighborhood, and ViT-rpb's full attention) refuse a bad dim,
+    num_heads or qk_scale by name, instead of failing in nn.Linear, or taking qk_scale=0 for None."""
+    with pytest.raises(ValueError, match=message):
+        NeighborhoodAttention2D(kernel_size=3, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        RelPosSelfAttention(grid_size=3, **kwargs)
 
 
 def test_module_attention_dropout_path_matches_fused() -> None:

@@ -12,6 +12,21 @@ from .ops.functional import IntOrPair, check_kernel_and_dilation
 
 
 @register_notrace_module  # torch.fx: a leaf (shape-dependent padding, custom ops)
+def head_dim_and_scale(dim: int, num_heads: int, qk_scale: float | None) -> tuple[int, float]:
+    """An attention module's head dim and its logits' scale (``qk_scale``, default head_dim ** -0.5),
+    with a clear error for anything but positive ints ``dim`` divisible by ``num_heads`` and a
+    positive ``qk_scale``."""
+    for name, value in (("dim", dim), ("num_heads", num_heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if dim % num_heads:
+        raise ValueError(f"dim {dim} must be a multiple of num_heads {num_heads}")
+    if qk_scale is not None and not qk_scale > 0:
+        raise ValueError(f"qk_scale must be positive (None: head_dim ** -0.5), got {qk_scale!r}")
+    head_dim = dim // num_heads
+    return head_dim, head_dim**-0.5 if qk_scale is None else qk_scale
+
+
 class NeighborhoodAttention2D(nn.Module):
     """Multi-head dilated neighborhood attention over a channels-last (B, H, W, C) map.
 
@@ -34,13 +49,10 @@ class NeighborhoodAttention2D(nn.Module):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"dim {dim} must be a positive multiple of num_heads {num_heads}")
+        self.head_dim, self.scale = head_dim_and_scale(dim, num_heads, qk_scale)
         self.kernel_size, self.dilation = check_kernel_and_dilation(kernel_size, dilation)
         self.dim = dim
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         if rel_pos_bias:
             kh, kw = self.kernel_size

@@ -22,6 +22,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import Tensor, nn
 
+from ..layers import head_dim_and_scale
 from ._common import (
     URL_ROOT,
     ClassifierMixin,
@@ -63,11 +64,8 @@ class RelPosSelfAttention(nn.Module):
         grid_size: int = GRID,
     ) -> None:
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"dim {dim} must be a positive multiple of num_heads {num_heads}")
+        self.head_dim, self.scale = head_dim_and_scale(dim, num_heads, qk_scale)
         self.dim, self.num_heads, self.grid_size = dim, num_heads, grid_size
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * grid_size - 1, 2 * grid_size - 1))
         trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
         self.register_buffer("relative_position_index", relative_position_index(grid_size))

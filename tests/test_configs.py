@@ -159,6 +159,18 @@ def test_pretrained_weights_that_do_not_exist_are_a_clear_error(capsys):
     assert "dinat_nano has no pretrained weights" in capsys.readouterr().err
 
 
+def test_ctrl_c_ends_a_command_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C: one line and exit status 130 (a shell's for SIGINT), not a KeyboardInterrupt traceback."""
+    from dinat import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert cli.main(["train", "--dataset", "digits"]) == 130
+    assert capsys.readouterr().err == "interrupted: train stopped\n"
+
+
 @pytest.mark.parametrize(
     "key,value,message",
     [

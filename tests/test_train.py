@@ -78,6 +78,27 @@ def test_validate_checkpoint_writes_table_and_json(trained, capsys):
     assert results["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
 
 
+def test_validate_any_batch_size_and_only_the_trained_model(trained, tmp_path, capsys):
+    """validate never mixes images: an odd batch size is fine (mixup's even-batch rule is
+    training's). A `dinat train` checkpoint of another architecture is refused by name, even when
+    its weights fit the model given (nat_mini's fit dinat_mini's: they differ only in dilation)."""
+    root, out, summary = trained
+    args = ["validate", "--model", MODEL, str(root), "--workers", "0", "--device", "cpu"]
+    odd = ["--batch-size", "7", "--results-file", str(tmp_path / "odd.json")]
+    assert cli_main([*args, "--checkpoint", str(out / "last.pth"), *odd]) == 0
+    assert json.loads((tmp_path / "odd.json").read_text())["top1"] == pytest.approx(summary["val_top1"])
+    ckpt = torch.load(out / "last.pth")
+    ckpt["config"]["model"] = "nat_nano"
+    torch.save(ckpt, tmp_path / "other.pth")
+    assert cli_main([*args, "--checkpoint", str(tmp_path / "other.pth")]) == 2
+    assert f"{tmp_path / 'other.pth'} is a checkpoint of nat_nano, not {MODEL}: give --model nat_nano" in (
+        capsys.readouterr().err
+    )
+    ckpt["config"]["model"] = f"{MODEL}.some_tag"  # the same architecture
+    torch.save(ckpt, tmp_path / "tagged.pth")
+    assert cli_main([*args, "--checkpoint", str(tmp_path / "tagged.pth")]) == 0
+
+
 def test_random_erasing_follows_mixing(trained, tmp_path, monkeypatch):
     """With mixup/cutmix the batch is erased after it is mixed (the original's loader mixed in its
     collate and erased after it); without, each image is erased in its transform."""
@@ -128,6 +149,20 @@ def test_logged_lr_ema_and_constant_schedule(trained, tmp_path):
     torch.testing.assert_close(ckpt["state_dict_ema"]["head.weight"], expected)
     constant = ["--sched", "constant", "--epochs", "1", "--cooldown-epochs", "2"]
     assert train.main([str(root), *TINY, *constant, "--output", str(tmp_path / "constant")])["epoch"] == 1
+
+
+def test_ema_started_at_resume_averages_from_the_resumed_weights(trained, tmp_path):
+    """--model-ema given at --resume of a run without one: the EMA starts from the resumed weights
+    (as the original's train.py builds it after resuming), not from the initial ones."""
+    root, _, _ = trained
+    run = [str(root), *TINY, "--epochs", "1", "--drop-path", "0", "--output", str(tmp_path)]
+    train.main([*run, "--max-steps", "1"])
+    resumed = torch.load(tmp_path / "last.pth")["model"]
+    ema = ["--model-ema", "--model-ema-decay", "0.5", "--max-steps", "2", "--resume", str(tmp_path / "last.pth")]
+    train.main([*run, *ema])
+    ckpt = torch.load(tmp_path / "last.pth")
+    expected = 0.5 * resumed["head.weight"] + 0.5 * ckpt["model"]["head.weight"]
+    torch.testing.assert_close(ckpt["state_dict_ema"]["head.weight"], expected)
 
 
 def test_weights_that_do_not_fit_are_named_once(tmp_path):

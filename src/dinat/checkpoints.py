@@ -100,6 +100,15 @@ def training_config(checkpoint: Any) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def check_trained_model(path: str | os.PathLike, checkpoint: Any, model_name: str) -> None:
+    """A :class:`CheckpointError` when ``checkpoint`` (read from ``path``) is a `dinat train`
+    checkpoint of another architecture than ``model_name`` (pretrained tags aside): its weights may
+    fit another model's shapes (nat_mini and dinat_mini differ only in dilation) and run silently."""
+    trained = training_config(checkpoint).get("model")
+    if trained and trained.split(".")[0] != model_name.split(".")[0]:
+        raise CheckpointError(f"{path} is a checkpoint of {trained}, not {model_name}: give --model {trained}")
+
+
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
     """The object in a ``.pth`` (``torch.load``, weights only) or ``.safetensors`` file, on the CPU.
     A missing file is a FileNotFoundError, an unreadable one (truncated, not a checkpoint) a

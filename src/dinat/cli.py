@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, OSError) as e:  # OSError: a path that cannot be used
         print(f"error: {_own_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, the last one is whole
+        print(f"interrupted: {argv[0]} stopped", file=sys.stderr)
+        return 130  # as a shell reports a process ended by SIGINT
     return 0
 
 

@@ -36,7 +36,14 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, unwrap_model
 from tqdm import tqdm
 
-from .checkpoints import CheckpointError, read_checkpoint, training_config, write_atomic, write_text_atomic
+from .checkpoints import (
+    CheckpointError,
+    check_trained_model,
+    read_checkpoint,
+    training_config,
+    write_atomic,
+    write_text_atomic,
+)
 from .checkpoints import save_checkpoint as save_atomic  # temp file + os.replace
 from .config import (
     ArgumentParser,
@@ -230,9 +237,7 @@ def read_training_checkpoint(path: str, model_name: str) -> dict:
             f"{path} is not a `dinat train` checkpoint (it has no {', '.join(missing)}); "
             "to start from its weights, use --initial-checkpoint"
         )
-    trained = ckpt["config"].get("model")
-    if trained and trained != model_name:
-        raise CheckpointError(f"{path} is a checkpoint of {trained}, not {model_name}: resume with --model {trained}")
+    check_trained_model(path, ckpt, model_name)
     return ckpt
 
 
@@ -455,6 +460,8 @@ def _train(cfg: Config) -> dict:
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("state_dict_ema") is not None:
             ema.module.load_state_dict(ckpt["state_dict_ema"])
+        elif ema is not None:  # --model-ema from here on: it starts from the resumed weights
+            ema.set(bare)
         start_epoch, start_sample = ckpt["epoch"], ckpt["samples"]
         history, best, partial = ckpt["history"], [tuple(b) for b in ckpt["best"]], tuple(ckpt["partial"])
         if ckpt["world"] == world:

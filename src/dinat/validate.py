@@ -25,6 +25,7 @@ from .checkpoints import (
     EMA_KEYS,
     CheckpointError,
     CheckpointMismatchError,
+    check_trained_model,
     read_checkpoint,
     training_config,
     unwrap_state_dict,
@@ -287,6 +288,8 @@ def main(argv=None) -> dict:
         raise ConfigError(f"--results-file {args.results_file}: not a file path that can be written")
     check_model_name(args.model)
     checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None:
+        check_trained_model(args.checkpoint, checkpoint, args.model)
     preprocessing, source = resolve_preprocessing(
         args.model, {k: getattr(args, k) for k in PREPROCESSING}, training_config(checkpoint)
     )
@@ -296,7 +299,7 @@ def main(argv=None) -> dict:
     if args.pretrained and num_classes is None:  # the released head's classes number the labels
         num_classes = getattr(timm.models.get_pretrained_cfg(args.model), "num_classes", None)
     settings = {**{k: getattr(args, k) for k in shared}, **preprocessing, "num_classes": num_classes}
-    cfg = make_config({**settings, "val_split": args.split})
+    cfg = make_config({**settings, "val_split": args.split, "mixup": 0.0, "cutmix": 0.0})  # (any batch size)
     dataset, data_classes = build_eval_dataset(cfg)
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # as timm's validate.py: the fastest algorithm per convolution shape

@@ -277,8 +277,9 @@ def test_bad_values_are_clear_errors(tmp_path, key, value, message):
 def test_malformed_yaml_is_a_clear_error(tmp_path):
     config = tmp_path / "bad.yml"
     config.write_text("{lr: 1e-3\n")
-    with pytest.raises(ConfigError, match=f"{config} is not valid YAML: "):
+    with pytest.raises(ConfigError, match=f"{config} is not valid YAML: ") as info:
         make_config(config_file=config)
+    assert f'in "{config}", line 2' in str(info.value)  # where, in the file's name
 
 
 def test_odd_batch_without_mixing():

@@ -264,25 +264,31 @@ def test_double_backward_of_the_fused_op() -> None:
 
 
 def _opcheck_cases() -> list:
-    """Each C-kernel custom op with float64 arguments (kernel 3x5, dilation 2x1, 9x10 map)."""
+    """Each C-kernel custom op with float64 arguments (kernel 3x5, dilation 2x1, 9x10 map), with
+    contiguous inputs and with dense permuted ones (the kernels' outputs are contiguous whatever
+    their inputs' strides: a fake that followed an input's, as empty_like does, broke inductor)."""
     gen = torch.Generator().manual_seed(0)
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+    def rand(*shape, order=None):  # order: how the dims lie in memory, outermost first
+        order = order or tuple(range(len(shape)))
+        stored = torch.randn(*(shape[d] for d in order), generator=gen, dtype=torch.float64)
+        return stored.permute(*(order.index(d) for d in range(len(shape)))).requires_grad_()
 
     kernel, dilation = [3, 5], [2, 1]
-    a, b, c = rand(4, 8, 9, 10), rand(4, 8, 9, 10), rand(4, 8, 9, 10)
-    weights, rpb = rand(4, 9, 15, 10), rand(2, 5, 9)
-    probabilities = weights.detach().softmax(2)
-    cases = {
-        "na_dot": (a, b, kernel, dilation),
-        "na_weighted_sum": (weights, b, kernel, dilation),
-        "na_scatter": (weights, a, kernel, dilation),
-        "na2d_fused": (a, b, c, rpb, 2, 0.3, kernel, dilation),
-        "na2d_fused-no-rpb": (a, b, c, None, 2, 0.3, kernel, dilation),
-        "na_bias_grad": (weights.detach(), 2, kernel, dilation),
-        "na_softmax_backward": (a.detach(), b.detach(), probabilities, kernel, dilation),
-    }
+    cases = {}
+    for layout, order in (("", (0, 1, 2, 3)), ("-permuted", (0, 2, 3, 1))):
+        a, b, c = (rand(4, 8, 9, 10, order=order) for _ in range(3))
+        weights, rpb = rand(4, 9, 15, 10, order=order), rand(2, 5, 9)
+        probabilities = weights.detach().softmax(2)
+        cases |= {
+            f"na_dot{layout}": (a, b, kernel, dilation),
+            f"na_weighted_sum{layout}": (weights, b, kernel, dilation),
+            f"na_scatter{layout}": (weights, a, kernel, dilation),
+            f"na2d_fused{layout}": (a, b, c, rpb, 2, 0.3, kernel, dilation),
+            f"na2d_fused-no-rpb{layout}": (a, b, c, None, 2, 0.3, kernel, dilation),
+            f"na_bias_grad{layout}": (weights.detach(), 2, kernel, dilation),
+            f"na_softmax_backward{layout}": (a.detach(), b.detach(), probabilities, kernel, dilation),
+        }
     return [pytest.param(case.split("-")[0], args, id=case) for case, args in cases.items()]
 
 

@@ -215,7 +215,7 @@ def na2d_fused(
 @na2d_fused.register_fake
 def _(q, k, v, rpb, heads, scale, kernel, dilation):
     n, _, h, w = q.shape
-    return torch.empty_like(v), q.new_empty(n, h, kernel[0] * kernel[1], w)
+    return v.new_empty(v.shape), q.new_empty(n, h, kernel[0] * kernel[1], w)  # contiguous, as the kernels write
 
 
 @functools.lru_cache(maxsize=64)
@@ -266,7 +266,7 @@ def na_softmax_backward(grad_out: Tensor, v: Tensor, attn: Tensor, kernel: list[
 
 @na_softmax_backward.register_fake
 def _(grad_out, v, attn, kernel, dilation):
-    return torch.empty_like(attn)
+    return attn.new_empty(attn.shape)
 
 
 def _fused_backward(ctx, grad_out, _grad_attn):
@@ -322,12 +322,12 @@ def _(a, b, kernel, dilation):
 
 @na_weighted_sum.register_fake
 def _(p, b, kernel, dilation):
-    return torch.empty_like(b)
+    return b.new_empty(b.shape)
 
 
 @na_scatter.register_fake
 def _(p, a, kernel, dilation):
-    return torch.empty_like(a)
+    return a.new_empty(a.shape)
 
 
 primitives.register_gradients(na_dot, na_weighted_sum, na_scatter)

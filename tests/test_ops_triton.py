@@ -27,7 +27,7 @@ from _triton_utils import (
 )
 from conftest import assert_half_close_to_float32
 from dinat.layers import NeighborhoodAttention2D
-from dinat.ops import current_backend, na2d, na2d_qkvpacked, reference, triton_na, use_backend
+from dinat.ops import current_backend, na2d, na2d_qkvpacked, primitives, reference, triton_na, use_backend
 
 HALF_DTYPES = [torch.float16] if DEVICE.type == "cpu" else [torch.float16, torch.bfloat16]
 
@@ -419,8 +419,8 @@ def test_compiled_path_is_the_custom_op_and_agrees_with_eager(packed) -> None:
         cache_calls.append(triton_na._cached_bias_rows.cache_info()[:2])  # (hits, misses)
     assert type(results[0][0].grad_fn).__name__ == "_EagerNA2dBackward"
     name = "na2d_packed_triton" if packed else "na2d_triton"
-    assert f"dinat.{name}_v{triton_na._OPS_VERSION}.default" in traced
-    assert f"dinat.{name}_backward_v{triton_na._OPS_VERSION}.default" in traced
+    assert f"dinat.{name}_v{primitives.OPS_VERSION}.default" in traced
+    assert f"dinat.{name}_backward_v{primitives.OPS_VERSION}.default" in traced
     assert ("aten.stack.default" in traced) != packed, traced
     assert cache_calls == [(0, 1), (0, 1)], cache_calls
     for eager, compiled in zip(*results):

@@ -9,7 +9,7 @@ import torch
 
 from _triton_utils import DEVICE, GOLDEN, GOLDEN_IDS, TOL, needs_interpreter_run, needs_kernels, run_interpreted
 from conftest import assert_empty_batch_works
-from dinat.ops import na2d_av, na2d_qk, use_backend
+from dinat.ops import na2d_av, na2d_qk, triton_na, use_backend
 
 
 @needs_interpreter_run
@@ -104,7 +104,7 @@ def test_primitives_pass_opcheck(name: str) -> None:
     features = torch.randn(2, 9, 10, 16, generator=gen).to(DEVICE)[..., ::2].requires_grad_()
     weights = torch.randn(2, 9, 10, 15, generator=gen).to(DEVICE).requires_grad_()
     first = features.detach().clone().requires_grad_() if name == "na_dot_triton" else weights
-    torch.library.opcheck(getattr(torch.ops.dinat, name), (first, features, kernel, dilation))
+    torch.library.opcheck(getattr(triton_na, name.removesuffix("_triton")), (first, features, kernel, dilation))
 
 
 @needs_kernels

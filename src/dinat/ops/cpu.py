@@ -158,7 +158,7 @@ def _operand(x: Tensor) -> Tensor:
 # -- the three primitives ---------------------------------------------------------------------
 
 
-@torch.library.custom_op("dinat::na_dot", mutates_args=())
+@primitives.custom_op("na_dot")
 def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, C, H, W) x (N, C, H, W) -> (N, H, kh*kw, W): a . b over each query's neighbors."""
     a, b = _operand(a), _operand(b)
@@ -168,7 +168,7 @@ def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tens
     return out
 
 
-@torch.library.custom_op("dinat::na_weighted_sum", mutates_args=())
+@primitives.custom_op("na_weighted_sum")
 def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, kh*kw, W) x (N, C, H, W) -> (N, C, H, W): sum of neighbors of b weighted by p."""
     p, b = _operand(p), _operand(b)
@@ -177,7 +177,7 @@ def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]
     return out
 
 
-@torch.library.custom_op("dinat::na_scatter", mutates_args=())
+@primitives.custom_op("na_scatter")
 def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, kh*kw, W) x (N, C, H, W) -> (N, C, H, W): each key gathers p * a from its queries."""
     p, a = _operand(p), _operand(a)
@@ -186,7 +186,7 @@ def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> 
     return out
 
 
-@torch.library.custom_op("dinat::na2d_fused", mutates_args=())
+@primitives.custom_op("na2d_fused")
 def na2d_fused(
     q: Tensor,
     k: Tensor,
@@ -230,7 +230,7 @@ def _bias_bins(heads: int, height: int, width: int, kernel: Pair, dilation: Pair
     return bins.flatten()
 
 
-@torch.library.custom_op("dinat::na_bias_grad", mutates_args=())
+@primitives.custom_op("na_bias_grad")
 def na_bias_grad(grad_logits: Tensor, heads: int, kernel: list[int], dilation: list[int]) -> Tensor:
     """Gradient of the rpb table (heads, 2kh-1, 2kw-1) from that of the logits (N, H, kh*kw, W)."""
     n, height, _, width = grad_logits.shape
@@ -254,7 +254,7 @@ def _fused_setup(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-@torch.library.custom_op("dinat::na_softmax_backward", mutates_args=())
+@primitives.custom_op("na_softmax_backward")
 def na_softmax_backward(grad_out: Tensor, v: Tensor, attn: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """Gradient of the logits of na2d_fused given the output's: attn * (dP - sum(attn * dP)), with
     dP = grad_out . v over each query's neighbors, in one pass."""

@@ -14,8 +14,23 @@ differentiated. Each backend's primitives are ``torch.library`` custom ops takin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+# The custom ops' names carry the version of their contract (outputs and their layout, what the
+# backward returns): torch.compile's on-disk caches know an op by its name alone, not by its fake or
+# its autograd (pytorch#160472), so a graph compiled against another contract would be reused and
+# fail (version 4: the CPU ops' fakes are contiguous, as their kernels' outputs). Bump it with any
+# such change.
+OPS_VERSION = 4
+
+
+def custom_op(name: str, fn: Callable | None = None):
+    """``torch.library.custom_op`` named ``dinat::{name}_v{OPS_VERSION}``, mutating no argument (a
+    decorator without ``fn``)."""
+    return torch.library.custom_op(f"dinat::{name}_v{OPS_VERSION}", fn, mutates_args=())
 
 
 def register_gradients(dot, weighted_sum, scatter) -> None:

@@ -521,21 +521,10 @@ def _packed_backward_kernels(
     return grad_qkv, _launch_backward(grad_out, q, k, v, rpb, out, lse, kernel, dilation, scale, grad_qkv.unbind(3))
 
 
-# The ops' names carry the version of their contract (outputs, and what the backward returns):
-# torch.compile's on-disk caches know an op by its name alone, not by its fake or its autograd
-# (pytorch#160472), so a graph compiled against another contract would be reused and fail. Bump it
-# with any such change.
-_OPS_VERSION = 3
-
-
-def _custom_op(name: str, fn):
-    return torch.library.custom_op(f"dinat::{name}_v{_OPS_VERSION}", fn, mutates_args=())
-
-
-na2d_triton = _custom_op("na2d_triton", _forward_kernels)
-na2d_triton_backward = _custom_op("na2d_triton_backward", _backward_kernels)
-na2d_packed_triton = _custom_op("na2d_packed_triton", _packed_forward_kernels)
-na2d_packed_triton_backward = _custom_op("na2d_packed_triton_backward", _packed_backward_kernels)
+na2d_triton = primitives.custom_op("na2d_triton", _forward_kernels)
+na2d_triton_backward = primitives.custom_op("na2d_triton_backward", _backward_kernels)
+na2d_packed_triton = primitives.custom_op("na2d_packed_triton", _packed_forward_kernels)
+na2d_packed_triton_backward = primitives.custom_op("na2d_packed_triton_backward", _packed_backward_kernels)
 
 
 def _fake_forward(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -669,7 +658,7 @@ def _primitive(
     return out
 
 
-@torch.library.custom_op("dinat::na_dot_triton", mutates_args=())
+@primitives.custom_op("na_dot_triton")
 def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, W, D) x (N, H, W, D) -> (N, H, W, kh*kw) float32: a . b over each query's neighbors.
 
@@ -680,13 +669,13 @@ def na_dot(a: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tens
     return _primitive("dot", a, b, kernel[0] * kernel[1], kernel, dilation, torch.float32)
 
 
-@torch.library.custom_op("dinat::na_weighted_sum_triton", mutates_args=())
+@primitives.custom_op("na_weighted_sum_triton")
 def na_weighted_sum(p: Tensor, b: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, W, kh*kw) x (N, H, W, D) -> (N, H, W, D): sum of neighbors of b weighted by p."""
     return _primitive("weighted_sum", p, b, b.shape[-1], kernel, dilation)
 
 
-@torch.library.custom_op("dinat::na_scatter_triton", mutates_args=())
+@primitives.custom_op("na_scatter_triton")
 def na_scatter(p: Tensor, a: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """(N, H, W, kh*kw) x (N, H, W, D) -> (N, H, W, D): each key gathers p * a from its queries."""
     return _primitive("scatter", p, a, a.shape[-1], kernel, dilation)

@@ -11,7 +11,6 @@ from .ops import na2d_av, na2d_qk, na2d_qkvpacked
 from .ops.functional import IntOrPair, check_kernel_and_dilation
 
 
-@register_notrace_module  # torch.fx: a leaf (shape-dependent padding, custom ops)
 def head_dim_and_scale(dim: int, num_heads: int, qk_scale: float | None) -> tuple[int, float]:
     """An attention module's head dim and its logits' scale (``qk_scale``, default head_dim ** -0.5),
     with a clear error for anything but positive ints ``dim`` divisible by ``num_heads`` and a
@@ -27,6 +26,7 @@ def head_dim_and_scale(dim: int, num_heads: int, qk_scale: float | None) -> tupl
     return head_dim, head_dim**-0.5 if qk_scale is None else qk_scale
 
 
+@register_notrace_module  # torch.fx: a leaf (shape-dependent padding, custom ops)
 class NeighborhoodAttention2D(nn.Module):
     """Multi-head dilated neighborhood attention over a channels-last (B, H, W, C) map.
 

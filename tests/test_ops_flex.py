@@ -141,7 +141,7 @@ def test_forward_and_gradients_match_reference(kernel, dil, with_rpb):
 def test_plans_with_cuda_block_sizes_run_exactly(monkeypatch):
     """The plans CUDA uses (128 x 128 sparse blocks), run by the CPU flex kernel."""
     monkeypatch.setattr(flex, "_CPU_BLOCK", flex._CUDA_BLOCK)
-    monkeypatch.setattr(flex, "_plans", {})
+    monkeypatch.setattr(flex, "_plans", flex._Plans())
     kernel, dil = (5, 5), (2, 3)
     q, k, v, rpb = _inputs(kernel, True)
     with use_backend("flex"), torch.no_grad():
@@ -222,13 +222,40 @@ def test_torch_compile_without_graph_breaks(dil, factor):
 
 
 @needs_cpu_flex
+def test_torch_compile_of_several_geometries_and_dynamic_sizes():
+    """One compiled graph with two map geometries (a model's levels), each plan built while tracing;
+    and torch.compile(dynamic=True) at two map sizes: the plan specialises the symbolic sizes (and a
+    kernel given as an argument), one plan per size. Both once failed (the plan cache read as a dict
+    dynamo had snapshotted; symbolic sizes handed to the plan builder)."""
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.randn(1, 8, 8, 1, 4, generator=gen), torch.randn(1, 9, 11, 2, 4, generator=gen)
+
+    def two_levels(a, b):
+        return na2d(a, a, a, 3, 1, None, 0.5), na2d(b, b, b, (3, 5), (2, 1), None, 0.5)
+
+    def one_level(x, kernel):
+        return na2d(x, x, x, kernel, (1, 2), None, 0.5)
+
+    torch._dynamo.reset()
+    with use_backend("flex"), torch.no_grad():
+        outs = torch.compile(two_levels, fullgraph=True)(first, second)
+        dynamic = torch.compile(one_level, fullgraph=True, dynamic=True)
+        sized = [(x, kernel, dynamic(x, kernel)) for x, kernel in ((second, (3, 3)), (first, (5, 3)))]
+    with use_backend("reference"), torch.no_grad():
+        for got, want in zip(outs, two_levels(first, second), strict=True):
+            torch.testing.assert_close(got, want, **TOL)
+        for x, kernel, got in sized:
+            torch.testing.assert_close(got, one_level(x, kernel), **TOL)
+
+
+@needs_cpu_flex
 def test_plan_cache_is_bounded(monkeypatch):
     """Every input size builds a plan (index table, block mask): the oldest go past _MAX_PLANS."""
-    monkeypatch.setattr(flex, "_plans", {})
+    monkeypatch.setattr(flex, "_plans", flex._Plans())
     monkeypatch.setattr(flex, "_MAX_PLANS", 3)
     for height in range(9, 14):
         flex._plan(height, 9, (3, 3), (1, 1), torch.device("cpu"))
-    assert [key[0] for key in flex._plans] == [11, 12, 13]
+    assert list(vars(flex._plans)) == [f"h{height}_w9_k3x3_d1x1_cpuNone" for height in (11, 12, 13)]
 
 
 # ------------------------------------------------------------------------------------------------

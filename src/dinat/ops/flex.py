@@ -36,6 +36,7 @@ bypassed and flex is traced into the caller's graph.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import shutil
 import sys
@@ -250,17 +251,27 @@ def _build_plan(
     return _Plan(table, perm, inverse, block_mask)
 
 
-_plans: dict[tuple, _Plan] = {}  # in insertion order
+class _Plans:
+    """The plans built so far, as attributes named after their geometry (:func:`_name`), oldest
+    first. A torch.compile trace reads an attribute when it uses it, where it snapshots a dict at
+    its first read: a plan built later in the same trace (a model's second geometry) was missing."""
+
+
+_plans = _Plans()
 _MAX_PLANS = 32  # map geometries kept (each holds an index table and a block mask on its device)
 
 
+def _name(height: int, width: int, kernel: Pair, dil: Pair, device: torch.device) -> str:
+    return f"h{height}_w{width}_k{kernel[0]}x{kernel[1]}_d{dil[0]}x{dil[1]}_{device.type}{device.index}"
+
+
 def _plan(height: int, width: int, kernel: Pair, dil: Pair, device: torch.device) -> _Plan:
-    key = (height, width, kernel, dil, device.type, device.index)
-    plan = _plans.get(key)
+    cache, name = vars(_plans), _name(height, width, kernel, dil, device)
+    plan = cache.get(name)
     if plan is None:  # two threads may both build it: harmless, the second result wins
-        plan = _plans[key] = _build_plan(height, width, kernel, dil, device)
-        while len(_plans) > _MAX_PLANS:  # the oldest goes (many input sizes: detection, segmentation)
-            _plans.pop(next(iter(_plans)))
+        plan = cache[name] = _build_plan(height, width, kernel, dil, device)
+        while len(cache) > _MAX_PLANS:  # the oldest goes (many input sizes: detection, segmentation)
+            del cache[next(iter(cache))]
     return plan
 
 
@@ -272,9 +283,14 @@ def _build_at_trace_time(height: int, width: int, kernel: Pair, dil: Pair, devic
 
 
 def _traced_plan(height: int, width: int, kernel: Pair, dil: Pair, device: torch.device) -> _Plan:
-    """The plan inside a torch.compile trace: read from the cache, which dynamo guards and lifts."""
+    """The plan inside a torch.compile trace: read from the cache, which dynamo guards and lifts.
+    Dynamic sizes (a map's, or a kernel or dilation passed as an argument) are specialised: a plan
+    is built for each value, behind a guard on it (``int()`` keeps a SymInt symbolic here)."""
+    height, width = operator.index(height), operator.index(width)
+    kernel = (operator.index(kernel[0]), operator.index(kernel[1]))
+    dil = (operator.index(dil[0]), operator.index(dil[1]))
     _build_at_trace_time(height, width, kernel, dil, device)
-    return _plans[(height, width, kernel, dil, device.type, device.index)]
+    return getattr(_plans, _name(height, width, kernel, dil, device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +327,9 @@ def _run_attend(*args):
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dil: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     batch, height, width, heads, dim = q.shape
+    if torch.compiler.is_compiling() and q.device.type == "cpu":
+        # inductor's CPU flex template miscompiles symbolic sizes (torch 2.14): specialise them all
+        batch, height, width, heads, dim = [operator.index(size) for size in q.shape]
     plan = (_traced_plan if torch.compiler.is_compiling() else _plan)(height, width, kernel, dil, q.device)
 
     def to_flex(x: Tensor) -> Tensor:  # (B, H, W, heads, D) -> (B, heads, L, D) in flex order

@@ -41,7 +41,7 @@ def test_bench_compile_flag(tmp_path, monkeypatch, flags, mode) -> None:
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs) or model)
     argv = ["--suite", "model", "--batch", "1", "--repeats", "1", "--threads", "1", *flags]
     results = bench.main([*argv, "--models", "dinat_nano", "dinat_nano@reference", "--output", str(tmp_path)])
-    assert compiled == [{"mode": mode}] * 2 and results["compile"] == (mode or "default")
+    assert compiled == [{"mode": mode, "dynamic": False}] * 2 and results["compile"] == (mode or "default")
 
 
 def test_bench_compiles_the_op_candidates(tmp_path, monkeypatch) -> None:

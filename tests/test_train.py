@@ -429,11 +429,17 @@ def test_device_names(monkeypatch):
 
 
 def test_compile_flag_compiles_the_model(trained, tmp_path, monkeypatch):
-    """--compile hands the model to torch.compile in train and validate, in the mode given
-    (recorded, not compiled here)."""
+    """--compile hands the model to torch.compile in train and validate, in the mode given, for
+    static shapes (recorded, not compiled here)."""
     root, out, _ = trained
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(kwargs["mode"]) or model)
+
+    def record(model, mode, dynamic):
+        assert dynamic is False
+        compiled.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
     run = [str(root), *TINY, "--max-steps", "1", "--compile"]
     train.main([*run, "--output", str(tmp_path / "a")])
     train.main([*run, "--compile-mode", "reduce-overhead", "--output", str(tmp_path / "b")])

@@ -41,10 +41,15 @@ def create_model(
 
 def compile_model(model: nn.Module | Callable, mode: str = "default") -> nn.Module | Callable:
     """``torch.compile(model)`` (a module or a function) in ``mode``, one of COMPILE_MODES
-    ("reduce-overhead" replays CUDA graphs: the step no longer waits on the CPU's kernel launches)."""
+    ("reduce-overhead" replays CUDA graphs: the step no longer waits on the CPU's kernel launches).
+
+    Static shapes: each input size compiles anew (a run sees few: its batch, the last batch of the
+    evaluation). Compiled for dynamic sizes, a training step failed in inductor (torch 2.14: the CPU
+    kernels' layout copies, "cannot determine truth value of Relational"), and evaluation compiled
+    about ten times as long as for one size."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def list_models() -> list[str]:

@@ -98,7 +98,8 @@ def test_features_only_takes_a_file_with_another_head(source, tmp_path) -> None:
     features_only has no head, so the file's is not compared; the rest still is, strictly."""
     state_dict = dict(source[0], **{"head.weight": torch.zeros(10, 512), "head.bias": torch.zeros(10)})
     path = _write("bare", state_dict, tmp_path)
-    full = dinat.create_model("dinat_mini", checkpoint_path=_write("ddp", source[0], tmp_path / "..")).eval()
+    (tmp_path / "full").mkdir()
+    full = dinat.create_model("dinat_mini", checkpoint_path=_write("ddp", source[0], tmp_path / "full")).eval()
     through_timm = timm.create_model(
         "dinat_mini", features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=path)
     ).eval()

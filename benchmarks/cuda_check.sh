@@ -6,9 +6,10 @@
 #      dinat_mini's inference and training step against Swin-T's (bfloat16, batch 128);
 #   3. the same models compiled with CUDA graphs (--compile reduce-overhead);
 #   4. the op against window attention, both compiled with CUDA graphs (the host's launches out);
-#   5. dinat_mini's step with CUDA graphs, its whole-window layers run each way (SDPA, matmul +
-#      softmax, the Triton kernels) beside Swin-T's, profiled; and the op each way at those maps
-#      against window attention, compiled alike (benchmarks/cuda_kernels.py).
+#   5. dinat_mini's step with CUDA graphs, its whole-window layers run each way (SDPA, the default,
+#      and the whole-window Triton kernels, DINAT_WHOLE_WINDOW=triton; matmul + softmax was slower:
+#      BENCHMARKS.md) beside Swin-T's, profiled; and the op each way at those maps against window
+#      attention, compiled alike (benchmarks/cuda_kernels.py).
 # Each step has its own time limit, so the later figures come back even if an earlier step runs long
 # (NO_LIMITS=1 lifts them, as `make bench-cuda` does). STEPS="tests eager" (say) runs some of them:
 # with a fresh install, all five take more than one 10-minute call.
@@ -16,7 +17,7 @@
 set -u
 out=${1:?usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]}
 py=${2:-python3}
-tests=${CUDA_TESTS:-tests/test_ops_triton.py tests/test_ops_triton_unfused.py}
+tests=${CUDA_TESTS:-tests/test_ops_triton.py tests/test_ops_triton_unfused.py tests/test_ops_triton_whole.py}
 models="dinat_mini swin_tiny_patch4_window7_224"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -46,5 +47,5 @@ step opgraphs 240 $py -m dinat.cli bench --suite op --compile reduce-overhead --
     --batch 128 --repeats 20 --no-reference --output "$out/opgraphs" &&
     grep -E "^ +[0-9]+x[0-9]+ " "$out/opgraphs.log"
 step wholewindow 480 $py benchmarks/cuda_kernels.py --skip-configs --compile reduce-overhead \
-    --whole-window sdpa matmul kernels --output "$out/wholewindow" &&
+    --whole-window sdpa triton --output "$out/wholewindow" &&
     grep -E "^(dinat|swin|side by side|  [0-9]+x[0-9]+ h[0-9]+ d[0-9]+ fwd)" "$out/wholewindow.log"

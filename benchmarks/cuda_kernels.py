@@ -17,13 +17,15 @@ the steps compiled in that mode (``reduce-overhead`` replays CUDA graphs; the pr
 kernels inside them one by one), with torch.compile's graph and graph-break counts. Every kernel
 goes to kernels.json; the autotuner's picks for the models' shapes are printed.
 
-``--whole-window sdpa matmul kernels`` profiles and times dinat_mini once per way of running its
+``--whole-window sdpa matmul triton`` profiles and times dinat_mini once per way of running its
 whole-window layers (11 of its 18: every dilated one, and the 7x7 level), whose dilation groups are
-single windows (``dinat.ops.grouped``): ``sdpa`` (the CUDA default: the memory-efficient kernel,
-64x64 tiles over 49 tokens), ``matmul`` (matmul, softmax, matmul: compiled, inductor fuses the bias,
-softmax and cast between the batched matmuls) or ``kernels`` (the Triton neighborhood kernels,
-which handle these maps like any other); and times the op's forward+backward each way at those
-maps against window attention, compiled as the steps are (every run does this for its ways).
+single windows (``dinat.ops.grouped``): ``sdpa`` (the CUDA default: the groups gathered into a batch
+for the memory-efficient kernel, 64x64 tiles over 49 tokens), ``matmul`` (the same batch through
+matmul, softmax, matmul: compiled, inductor fuses the bias, softmax and cast between the batched
+matmuls) or ``triton`` (the whole-window Triton kernels, ``DINAT_WHOLE_WINDOW=triton``: one group
+per 64x64 tile, the tokens read in place, the rpb gradient summed in the kernel); and times the op's
+forward+backward each way at those maps against window attention, compiled as the steps are (every
+run does this for its ways).
 
     python benchmarks/cuda_kernels.py --output DIR    # on a GPU machine; writes DIR/kernels.json
 """
@@ -160,7 +162,7 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
     return row
 
 
-WHOLE_WINDOW = ("sdpa", "matmul", "kernels")
+WHOLE_WINDOW = ("sdpa", "matmul", "triton")
 
 
 @contextlib.contextmanager
@@ -169,18 +171,22 @@ def whole_window_as(way: str):
 
     A benchmark's switch, not an API: it swaps the two functions the CUDA backends consult, for the
     block only; a compiled model calls its step inside it at every call, so torch.compile's guards
-    see the same functions at every call as at its trace."""
+    see the same settings at every call as at its trace."""
     if way not in WHOLE_WINDOW:
         raise ValueError(f"whole-window way must be one of {WHOLE_WINDOW}, got {way!r}")
-    original = grouped.is_whole, grouped.sdpa_by_default
-    if way == "kernels":
-        grouped.is_whole = lambda height, width, kernel, dilation: False
+    original = triton_na.WHOLE_WINDOW, grouped.sdpa_by_default
+    if way == "triton":
+        triton_na.WHOLE_WINDOW = "triton"
     elif way == "matmul":
-        grouped.sdpa_by_default = lambda device_type, features, rpb: False
+        grouped.sdpa_by_default = _never_sdpa
     try:
         yield
     finally:
-        grouped.is_whole, grouped.sdpa_by_default = original
+        triton_na.WHOLE_WINDOW, grouped.sdpa_by_default = original
+
+
+def _never_sdpa(device_type: str, features: tuple, rpb) -> bool:
+    return False
 
 
 def _with_whole_window(fn: Callable[[], T], way: str) -> Callable[[], T]:
@@ -219,9 +225,17 @@ def whole_window_level(
         for tensor in (qkv, rpb, bias):  # CUDA graphs read them in place (bench.op_rows)
             torch._dynamo.mark_static_address(tensor)
         forwards = {name: compile_model(f, compile_mode) for name, f in forwards.items()}
+
+    def step(forward: Callable[[], torch.Tensor]) -> None:
+        if compile_mode == "reduce-overhead":
+            # a new iteration for CUDA graph trees: the round-robin interleaves several compiled
+            # functions' graphs, and without it the trees overwrote a forward's output before its
+            # backward ran (the H200, 2026-11-27)
+            torch.compiler.cudagraph_mark_step_begin()
+        forward().backward(grad)
+
     steps = {
-        name: _with_whole_window(lambda f=f: f().backward(grad), name if name in ways else "sdpa")
-        for name, f in forwards.items()
+        name: _with_whole_window(lambda f=f: step(f), name if name in ways else "sdpa") for name, f in forwards.items()
     }
     ms = {name: seconds * 1e3 for name, seconds in interleaved_medians(steps, 20, torch.device("cuda")).items()}
     shape = f"{size}x{size} h{heads} d{dilation}"

@@ -259,10 +259,13 @@ def test_every_tile_matches_reference(tile_configs, configs, shape, kernel, dila
 
 @needs_kernels
 @pytest.mark.parametrize(
-    "shape,kernel,dilation", [((1, 7, 7, 2, 16), (7, 7), (1, 1)), ((1, 14, 14, 1, 16), (7, 7), (2, 2))]
+    "shape,kernel,dilation", [((1, 9, 9, 2, 16), (9, 9), (1, 1)), ((1, 14, 14, 1, 72), (7, 7), (2, 2))]
 )
 def test_kernel_on_maps_of_whole_windows(shape, kernel, dilation) -> None:
-    """The kernel itself on maps whose groups are single windows (na2d runs those as grouped attention)."""
+    """The op itself on maps whose groups are single windows (na2d runs those as grouped attention)
+    that the whole-window kernels leave to the neighborhood kernels: groups of 81 tokens, float32
+    at head dim 72 (test_ops_triton_whole.py tests the others)."""
+    assert not triton_na._whole_kernels_apply(torch.empty(shape), kernel, dilation)
     qkv, rpb = _inputs(shape, kernel, True, dtype=torch.float32)
     leaves = [qkv.to(DEVICE).requires_grad_(), rpb.to(DEVICE).requires_grad_()]
     out, _ = triton_na.na2d_triton(*leaves[0].unbind(3), leaves[1], list(kernel), list(dilation), 0.3)

@@ -90,6 +90,37 @@ def test_the_widest_heads_fit_the_shared_memory_of_an_a100(tile, dtype, head_dim
         assert compiled[name].metadata.shared <= limit, name
 
 
+@pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
+@pytest.mark.parametrize(
+    "dtype,kernel,head_dim,with_rpb",
+    [(torch.bfloat16, (8, 8), 128, True), (torch.float32, (8, 8), 64, True), (torch.float16, (3, 5), 24, False)],
+    ids=["bf16-k8-d128", "f32-k8-d64", "f16-k3x5-d24-norpb"],
+)
+def test_whole_window_kernels_fit_any_gpu(arch, dtype, kernel, head_dim, with_rpb) -> None:
+    """The whole-window kernels at the largest groups and head features they take (64 tokens, 256
+    bytes; test below), and at the smallest tile, compile for A100 and H100 within the 99 KB of
+    shared memory per block of any GPU since sm_80 (consumer ones included)."""
+    names = ("whole_forward", "whole_backward")
+    compiled = triton_na.compile_for_cuda(arch, dtype, kernel, head_dim, with_rpb, names=names)
+    for name in names:
+        assert compiled[name].metadata.shared <= 101376, name
+
+
+def test_whole_window_kernels_take_groups_of_64_tokens_and_256_byte_heads() -> None:
+    def applies(height, width, dtype, head_dim, kernel, dilation=(1, 1)) -> bool:
+        return triton_na._whole_kernels_apply(torch.empty(1, height, width, 1, head_dim, dtype=dtype), kernel, dilation)
+
+    assert applies(8, 8, torch.bfloat16, 128, (8, 8)) and applies(8, 8, torch.float32, 64, (8, 8))
+    assert applies(56, 56, torch.bfloat16, 32, (7, 7), (8, 8)) and applies(6, 10, torch.float16, 24, (3, 5), (2, 2))
+    assert not applies(8, 9, torch.bfloat16, 32, (8, 9))  # 72 tokens
+    assert not applies(8, 8, torch.bfloat16, 136, (8, 8)) and not applies(8, 8, torch.float32, 72, (8, 8))
+    assert not applies(9, 9, torch.bfloat16, 32, (7, 7))  # not a whole window
+
+
 def test_wide_float32_launches_within_the_shared_memory_it_asks_for() -> None:
     """float32 over head dim 128 launches at most 2 stages of 1-row programs (2 rows: 106624 bytes
     for the forward, over the _WIDE_FP32_SHARED_BYTES a device must have), of tile 16 at least (one

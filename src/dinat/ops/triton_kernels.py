@@ -375,6 +375,113 @@ def na2d_backward_key_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Maps whose dilation groups are single windows (grouped.is_whole): every query of a group attends
+# every key of it, so one program holds a whole group, its kh*kw tokens padded to BLOCK, in one
+# (BLOCK x BLOCK) tile: (kh*kw / BLOCK)**2 of the products are needed (49 of 64 at 7x7, against 49
+# of 128 per query for the neighborhood kernels' tiles), and the tokens are read and written where
+# they lie in the (B, H, W, heads, D) map, without gathering the groups into a batch first.
+
+
+@triton.jit
+def _whole_logits(q, k, RPB, n, r_sn, r_sh, t_row, t_col, valid, scale_log2,
+                  KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Base-2 logits of a group's queries (rows) and keys (columns), -inf at padding."""
+    in_group = valid[:, None] & valid[None, :]
+    bias_row = t_row[None, :] - t_row[:, None] + KH - 1
+    bias_ptrs = RPB + n * r_sn + bias_row * r_sh + t_col[None, :] - t_col[:, None] + KW - 1
+    return _logits(q, k, bias_ptrs, in_group, scale_log2, HAS_RPB, PRECISION)
+
+
+@triton.jit
+def na2d_whole_forward_kernel(
+    Q, K, V, RPB, OUT, LSE,
+    q_sb, q_sh, q_sw, q_sn,
+    k_sb, k_sh, k_sw, k_sn,
+    v_sb, v_sh, v_sw, v_sn,
+    o_sb, o_sh, o_sw, o_sn,
+    r_sn, r_sh,
+    heads, height, width, head_dim, dil_h, dil_w, scale_log2,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Output and base-2 log-sum-exp of one (image, head, dilation group): program ids 0 and 1."""
+    pid_bn, group = tl.program_id(0), tl.program_id(1)
+    b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
+    t = tl.arange(0, BLOCK)
+    valid = t < KH * KW
+    t_row, t_col = t // KW, t % KW
+    rows, cols = group // dil_w + dil_h * t_row, group % dil_w + dil_w * t_col
+    d = tl.arange(0, BLOCK_D)
+    mask = valid[:, None] & (d < head_dim)[None, :]
+    q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=mask, other=0.0)
+    k = tl.load(_tokens(K, b, rows, n, cols, d, k_sb, k_sh, k_sw, k_sn), mask=mask, other=0.0)
+    v = tl.load(_tokens(V, b, rows, n, cols, d, v_sb, v_sh, v_sw, v_sn), mask=mask, other=0.0)
+    s = _whole_logits(q, k, RPB, n, r_sn, r_sh, t_row, t_col, valid, scale_log2, KH, KW, HAS_RPB, PRECISION)
+    m = tl.where(valid, tl.max(s, 1), 0.0)  # padding rows have no key: kept finite
+    p = tl.exp2(s - m[:, None])
+    l_sum = tl.where(valid, tl.sum(p, 1), 1.0)
+    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_sum[:, None]
+    tl.store(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(LSE + ((b * height + rows) * width + cols) * heads + n, m + tl.log2(l_sum), mask=valid)
+
+
+@triton.jit
+def na2d_whole_backward_kernel(
+    Q, K, V, RPB, DO, OUT, LSE, DQ, DK, DV, DRPB,
+    q_sb, q_sh, q_sw, q_sn,
+    k_sb, k_sh, k_sw, k_sn,
+    v_sb, v_sh, v_sw, v_sn,
+    do_sb, do_sh, do_sw, do_sn,
+    o_sb, o_sh, o_sw, o_sn,
+    g_sb, g_sh, g_sw, g_sn,
+    r_sn, r_sh,
+    batch, heads, height, width, head_dim, dil_h, dil_w, scale_log2, scale,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dq, dk, dv (strides g_*) of every (image, dilation group) of head program_id(1) that program
+    p = program_id(0) of P = num_programs(0) owns (p, p + P, ...), and with rpb its sum of the
+    logits' gradients over them: DRPB is (heads, P, kh*kw, kh*kw), query-major; the caller sums the
+    programs and maps (query, key) pairs to rpb entries (deterministic, no atomics)."""
+    program, n, programs = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    t = tl.arange(0, BLOCK)
+    valid = t < KH * KW
+    t_row, t_col = t // KW, t % KW
+    d = tl.arange(0, BLOCK_D)
+    mask = valid[:, None] & (d < head_dim)[None, :]
+    ds_sum = tl.zeros([BLOCK, BLOCK], tl.float32)
+    groups = dil_h * dil_w
+    for item in range(program, batch * groups, programs):
+        b, group = (item // groups).to(tl.int64), item % groups
+        rows, cols = group // dil_w + dil_h * t_row, group % dil_w + dil_w * t_col
+        q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=mask, other=0.0)
+        k = tl.load(_tokens(K, b, rows, n, cols, d, k_sb, k_sh, k_sw, k_sn), mask=mask, other=0.0)
+        v = tl.load(_tokens(V, b, rows, n, cols, d, v_sb, v_sh, v_sw, v_sn), mask=mask, other=0.0)
+        do = tl.load(_tokens(DO, b, rows, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=mask, other=0.0)
+        out = tl.load(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+        lse = tl.load(LSE + ((b * height + rows) * width + cols) * heads + n, mask=valid, other=0.0)
+        s = _whole_logits(q, k, RPB, n, r_sn, r_sh, t_row, t_col, valid, scale_log2, KH, KW, HAS_RPB, PRECISION)
+        p = tl.exp2(s - lse[:, None])
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])  # gradient of the logits
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if HAS_RPB:
+            ds_sum += ds
+        dq_ptrs = _tokens(DQ, b, rows, n, cols, d, g_sb, g_sh, g_sw, g_sn)
+        dk_ptrs = _tokens(DK, b, rows, n, cols, d, g_sb, g_sh, g_sw, g_sn)
+        dv_ptrs = _tokens(DV, b, rows, n, cols, d, g_sb, g_sh, g_sw, g_sn)
+        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    if HAS_RPB:
+        pairs = DRPB + ((n * programs + program).to(tl.int64) * (KH * KW) + t[:, None]) * (KH * KW) + t[None, :]
+        tl.store(pairs, ds_sum, mask=valid[:, None] & valid[None, :])
+
+
+# --------------------------------------------------------------------------------------------
 # The unfused ops' three primitives, on (N, H, W, D) features and (N, H, W, kh*kw) weights, all
 # contiguous (N = batch * heads). They are closed under differentiation (see primitives.py).
 

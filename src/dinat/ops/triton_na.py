@@ -10,7 +10,9 @@ them on machines without a GPU. The dispatcher never picks this backend for CPU 
 The forward saves the output and its base-2 log-sum-exp, not the attention weights; the backward
 recomputes the weights tile by tile, in two kernels: one per query tile (dq and the rpb gradient),
 one per key tile (dk and dv). Both are deterministic (no atomics). Maps whose dilation groups are
-single windows run as batched attention (:mod:`dinat.ops.grouped`). The unfused ``na2d_qk`` /
+single windows run as batched attention (:mod:`dinat.ops.grouped`, SDPA), or with
+``DINAT_WHOLE_WINDOW=triton`` on two kernels of their own (one group per tile; see
+:data:`WHOLE_WINDOW`). The unfused ``na2d_qk`` /
 ``na2d_av`` run on three more kernels, the primitives of :mod:`dinat.ops.primitives`.
 """
 
@@ -86,7 +88,33 @@ TILES: tuple[TileConfig, ...] = (
 )
 _DOT_ROWS = 16  # tl.dot's smallest operand: a program's tile * rows must reach it (the kernels assert it)
 _BLOCK, _WARPS = 16, 4  # the primitives' fixed configuration
+# Whole-window maps (grouped.is_whole) on their own kernels: a group's tokens padded to a power of
+# two fill one tile. Groups of up to 64 tokens (7x7, 8x8) with head features of up to 256 bytes (head
+# dim 128 in half precision, 64 in float32) keep the backward's (64 x 64) float32 tiles in registers
+# and, unpipelined (1 stage), its operands within 99 KB of shared memory (float32 at head dim 64: 96
+# KB for sm_80 and sm_90; tests/test_ops_triton_aot.py); others run as batched attention. With an
+# rpb the backward's programs each sum the logits' gradients of several groups (about
+# _WHOLE_PROGRAMS programs in all), so their partial sums stay small.
+_WHOLE_MAX_TOKENS, _WHOLE_MAX_HEAD_BYTES, _WHOLE_PROGRAMS = 64, 256, 1024
+_WHOLE_LAUNCH = dict(num_warps=4, num_stages=1)
+_WHOLE_WINDOW_WAYS = ("sdpa", "triton")
 _AUTOTUNE_KEY = ["heads", "height", "width", "head_dim", "dil_h", "dil_w", "KH", "KW", "HAS_RPB", "PRECISION"]
+
+
+def _whole_window_way() -> str:
+    way = os.environ.get("DINAT_WHOLE_WINDOW", "sdpa")
+    if way not in _WHOLE_WINDOW_WAYS:
+        raise ValueError(f"DINAT_WHOLE_WINDOW must be one of {_WHOLE_WINDOW_WAYS}, got {way!r}")
+    return way
+
+
+# How this backend runs maps whose dilation groups are single windows (DiNAT's dilated layers that
+# the dilation fills, and its last level): "sdpa", batched attention (grouped.attention: PyTorch's
+# fused kernels, with the groups gathered into a batch and back), or "triton", the whole-window
+# kernels (triton_kernels.na2d_whole_*: the tokens read and written in place, the rpb gradient summed
+# in the kernel). Read once from DINAT_WHOLE_WINDOW at import (a constant under torch.compile).
+# "sdpa" stays the default until a GPU has timed "triton" in a training step (BENCHMARKS.md).
+WHOLE_WINDOW = _whole_window_way()
 
 
 def _probe_triton() -> tuple[str, bool]:
@@ -176,6 +204,9 @@ def _constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_
 @functools.cache
 def _cached_constexprs(name: str, dtype: torch.dtype, kernel: Pair, head_dim: int, has_rpb: bool, precision: str):
     kh, kw = kernel
+    if name in ("whole_forward", "whole_backward"):  # one group per tile
+        return dict(KH=kh, KW=kw, HAS_RPB=has_rpb, BLOCK=max(_DOT_ROWS, _next_power_of_2(kh * kw)),
+                    BLOCK_D=max(16, _next_power_of_2(head_dim)), PRECISION=precision)  # fmt: skip
     if name in ("dot", "weighted_sum"):  # (queries, kw, D) tiles, no matrix product
         return dict(KH=kh, KW=kw, KW_PAD=_next_power_of_2(kw), BLOCK_M=_BLOCK, BLOCK_D=_next_power_of_2(head_dim))
     params = dict(
@@ -286,7 +317,14 @@ def autotuned() -> list[dict]:
     return picks
 
 
-_KERNEL_NAMES = ("forward", "query", "key", "dot", "weighted_sum", "scatter")
+_KERNEL_NAMES = ("forward", "query", "key", "whole_forward", "whole_backward", "dot", "weighted_sum", "scatter")
+
+
+def _kernel_function(name: str) -> str:
+    """The triton_kernels function of kernel ``name`` (one of _KERNEL_NAMES)."""
+    if name in _FUSED_KERNELS:
+        return _FUSED_KERNELS[name]
+    return f"na2d_{name}_kernel" if name.startswith("whole") else f"na_{name}_kernel"
 
 
 def compile_for_cuda(
@@ -298,11 +336,11 @@ def compile_for_cuda(
     tile: TileConfig = TILES[0],
     names: tuple[str, ...] = _KERNEL_NAMES,
 ) -> dict:
-    """Build kernels ``names`` (default: all six; the fused 'forward', 'query', 'key', and the
-    primitives) for CUDA compute capability ``arch`` (80: A100, 90: H100) ahead of time, down to the
-    cubin, with the parameters a launch would use (the fused ones with ``tile``, one of TILES).
-    Needs no GPU: this is how the suite checks on CPU-only machines that the kernels compile for
-    real devices."""
+    """Build kernels ``names`` (default: all eight; the fused 'forward', 'query', 'key', the
+    whole-window ones, and the primitives) for CUDA compute capability ``arch`` (80: A100, 90: H100)
+    ahead of time, down to the cubin, with the parameters a launch would use (the fused ones with
+    ``tile``, one of TILES). Needs no GPU: this is how the suite checks on CPU-only machines that
+    the kernels compile for real devices."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -316,12 +354,14 @@ def compile_for_cuda(
     if unknown:
         raise ValueError(f"unknown kernel names {sorted(unknown)}; the kernels are {_KERNEL_NAMES}")
     for name in names:
-        fn = getattr(triton_kernels, _FUSED_KERNELS.get(name, f"na_{name}_kernel"))
+        fn = getattr(triton_kernels, _kernel_function(name))
         constexprs = dict(_constexprs(name, dtype, kernel, head_dim, has_rpb))
         options = {"num_warps": _WARPS}
         if name in _FUSED_KERNELS:
             constexprs.update(_launch_params(name == "key", tile, kernel[1]))
             options.update(num_warps=tile.warps, num_stages=tile.stages, maxnreg=tile.max_registers)
+        elif name.startswith("whole"):
+            options.update(_WHOLE_LAUNCH)
         signature = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -386,13 +426,40 @@ def _forward_kernels(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)
     bias, bias_sn, bias_sh = _bias_args(rpb, q)
+    args = (q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
+            heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e))  # fmt: skip
     with _device_of(q):
-        _fused_kernel("forward", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
-            q, k, v, bias, out, lse, *_strides(q, k, v, out), bias_sn, bias_sh,
-            heads, height, width, dim, dilation[0], dilation[1], scale * math.log2(math.e),
-            **_constexprs("forward", q.dtype, kernel, dim, rpb is not None),
-        )  # fmt: skip
+        if _whole_kernels_apply(q, kernel, dilation):
+            constexprs = _constexprs("whole_forward", q.dtype, kernel, dim, rpb is not None)
+            _whole_kernel("forward")[(batch * heads, dilation[0] * dilation[1])](*args, **constexprs, **_WHOLE_LAUNCH)
+        else:
+            constexprs = _constexprs("forward", q.dtype, kernel, dim, rpb is not None)
+            _fused_kernel("forward", q.dtype, dim)[_tuned_grid(q, dilation, "BLOCK_M")](*args, **constexprs)
     return out, lse
+
+
+def _whole_kernels_apply(q: Tensor, kernel: list[int] | Pair, dilation: list[int] | Pair) -> bool:
+    """Whether the fused op on (B, H, W, heads, D) ``q`` runs the whole-window kernels: its dilation
+    groups are single windows, of _WHOLE_MAX_TOKENS tokens at most, with head features of
+    _WHOLE_MAX_HEAD_BYTES at most (a function of shape and dtype, so the fakes agree with the launches)."""
+    kernel, dilation = tuple(kernel), tuple(dilation)
+    head_bytes = q.shape[4] * q.element_size()
+    fits = kernel[0] * kernel[1] <= _WHOLE_MAX_TOKENS and bool(head_bytes <= _WHOLE_MAX_HEAD_BYTES)
+    return fits and grouped.is_whole(q.shape[1], q.shape[2], kernel, dilation)
+
+
+def _whole_kernel(name: str):
+    """triton_kernels.na2d_whole_{name}_kernel."""
+    from . import triton_kernels
+
+    return getattr(triton_kernels, f"na2d_whole_{name}_kernel")
+
+
+def _whole_programs(q: Tensor, dilation: list[int]) -> int:
+    """Programs per head of the whole-window backward with an rpb (each sums the logits' gradients of
+    its groups): about _WHOLE_PROGRAMS in all, one group each at most."""
+    batch, heads = q.shape[0], q.shape[3]
+    return max(1, min(batch * dilation[0] * dilation[1], _WHOLE_PROGRAMS // max(heads, 1)))
 
 
 def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device) -> Tensor:
@@ -413,28 +480,38 @@ def _tiles_and_slots(q: Tensor, dilation: list[int]) -> tuple[set[int], int]:
     return tiles, _grid(q, dilation, min(tiles))[2]
 
 
-def _rpb_partial_shape(q: Tensor, kernel: list[int], slots: int, has_rpb: bool) -> tuple[int, ...]:
-    """Shape of the query kernel's rpb-gradient partial sums, (batch, heads, query row, column slot,
-    i-th key row, rpb column); (0,) without rpb."""
+def _rpb_partial_shape(q: Tensor, kernel: list[int], dilation: list[int], has_rpb: bool) -> tuple[int, ...]:
+    """Shape of the backward's rpb-gradient partial sums: the query kernel's (batch, heads, query
+    row, column slot, i-th key row, rpb column), or the whole-window kernel's (heads, programs,
+    query, key); (0,) without rpb."""
     if not has_rpb:
         return (0,)
     batch, height, _, heads, _ = q.shape
-    return (batch, heads, height, slots, kernel[0], 2 * kernel[1] - 1)
+    if _whole_kernels_apply(q, kernel, dilation):
+        return (heads, _whole_programs(q, dilation), kernel[0] * kernel[1], kernel[0] * kernel[1])
+    return (batch, heads, height, _tiles_and_slots(q, dilation)[1], kernel[0], 2 * kernel[1] - 1)
 
 
 def _rpb_gradient(partial: Tensor, rpb: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
     """rpb's gradient from the partial sums: summed over batch and slots in float64, then each
-    (query row, i-th key row) added to the rpb row that key row uses (a matmul with a one-hot).
+    (query row, i-th key row) added to the rpb row that key row uses (a matmul with a one-hot); the
+    whole-window kernels' (4 dimensions) summed over programs, then each (query, key) pair of a group
+    added to its rpb entry (one-hots of rows and of columns).
 
     This runs outside the custom ops, so torch.compile traces it: the one-hot is then built in the
     graph instead of taken from the cache. Compiled code keeps no tensor alive between calls: CUDA
     graph trees ("reduce-overhead") refuse, or overwrite, a tensor cached from inside their memory
     pool, where they run a compiled function's first (warm-up) call."""
-    heads, height, bias_cols = rpb.shape[0], partial.shape[2], rpb.shape[2]
-    per_row = partial.sum((0, 3), dtype=torch.float64)
+    heads, bias_cols = rpb.shape[0], rpb.shape[2]
     traced = type(partial) is not Tensor and is_fake(partial)  # (a plain Tensor is real: the fast test first)
     one_hot = _bias_rows if traced else _cached_bias_rows
-    rows = one_hot(height, kernel[0], dilation[0], partial.device)
+    if partial.dim() == 4:  # (heads, programs, query, key) of whole groups: kh x kw places, row-major
+        (kh, kw), device = kernel, partial.device
+        pairs = partial.sum(1, dtype=torch.float64).view(heads, kh, kw, kh, kw).transpose(2, 3)
+        pairs = pairs.reshape(heads, kh * kh, kw * kw)  # (query row, key row) x (query column, key column)
+        return (one_hot(kh, kh, 1, device) @ pairs @ one_hot(kw, kw, 1, device).T).to(rpb.dtype)
+    per_row = partial.sum((0, 3), dtype=torch.float64)
+    rows = one_hot(partial.shape[2], kernel[0], dilation[0], partial.device)
     return torch.matmul(rows, per_row.reshape(heads, -1, bias_cols)).to(rpb.dtype)
 
 
@@ -462,10 +539,21 @@ def _launch_backward(
     strides = _strides(q, k, v, grad_out)
     grad_q, grad_k, grad_v = grads
 
+    partial_shape = _rpb_partial_shape(q, kernel, dilation, rpb is not None)
+    if _whole_kernels_apply(q, kernel, dilation):
+        partial = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+        programs = _whole_programs(q, dilation) if rpb is not None else batch * dilation[0] * dilation[1]
+        with _device_of(q):
+            _whole_kernel("backward")[(programs, heads)](
+                q, k, v, bias, grad_out, out, lse, grad_q, grad_k, grad_v, partial, *strides, *_strides(out, grad_q),
+                bias_sn, bias_sh, batch, *shape_args, **_WHOLE_LAUNCH,
+                **_constexprs("whole_backward", q.dtype, kernel, dim, rpb is not None),
+            )  # fmt: skip
+        return partial
     # every slot of the partial sums is written when the autotuner has one tile size, else some stay zero
     tiles, slots = _tiles_and_slots(q, dilation)
     allocate = torch.empty if len(tiles) == 1 else torch.zeros
-    partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
+    partial = allocate(partial_shape, dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)  # the query kernel's
     with _device_of(q):
         _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
@@ -533,8 +621,7 @@ def _fake_forward(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _fake_partial(q: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int]) -> Tensor:
-    partial_shape = _rpb_partial_shape(q, kernel, _tiles_and_slots(q, dilation)[1], rpb is not None)
-    return q.new_empty(partial_shape, dtype=torch.float32)
+    return q.new_empty(_rpb_partial_shape(q, kernel, dilation, rpb is not None), dtype=torch.float32)
 
 
 @na2d_triton.register_fake
@@ -618,8 +705,14 @@ class _EagerNA2d(torch.autograd.Function):
 # -- the backend interface (see functional.py) -------------------------------------------------
 
 
+def _batched(q: Tensor, kernel: Pair, dilation: Pair) -> bool:
+    """Whether na2d runs (B, H, W, heads, D) ``q``'s map as batched attention (see WHOLE_WINDOW)."""
+    whole = grouped.is_whole(q.shape[1], q.shape[2], kernel, dilation)
+    return whole and not (WHOLE_WINDOW == "triton" and _whole_kernels_apply(q, kernel, dilation))
+
+
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
-    if grouped.is_whole(q.shape[1], q.shape[2], kernel, dilation):
+    if _batched(q, kernel, dilation):
         return grouped.attention(q, k, v, kernel, dilation, rpb, scale)
     op = na2d_triton if torch.compiler.is_compiling() else _EagerNA2d.apply  # compiled: an opaque op
     out, _ = op(q, k, v, rpb, list(kernel), list(dilation), scale)
@@ -629,7 +722,7 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Ten
 def na2d_qkvpacked(qkv: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     """:func:`na2d` on q, k, v packed in one (B, H, W, 3, heads, D) tensor, whose gradient the
     backward kernels write in one buffer."""
-    if grouped.is_whole(qkv.shape[1], qkv.shape[2], kernel, dilation):
+    if _batched(qkv[:, :, :, 0], kernel, dilation):
         return grouped.attention(*qkv.unbind(3), kernel, dilation, rpb, scale)
     op = na2d_packed_triton if torch.compiler.is_compiling() else _EagerNA2d.apply
     out, _ = op(qkv, rpb, list(kernel), list(dilation), scale)

@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         from .ops import triton_na  # imports Triton: only where its kernels may have run
 
         results["triton_autotuned"] = triton_na.autotuned()
+        results["whole_window"] = triton_na.WHOLE_WINDOW  # DINAT_WHOLE_WINDOW
     path = args.output / "bench.json"
     write_text_atomic(path, json.dumps(results, indent=2))
     if "op" in results:

@@ -6,14 +6,16 @@ counts. This runs the Triton backend's host code (checks, custom ops, autograd,
 allocations, the rpb gradient's reduction) on tiny CPU tensors in Triton's interpreter mode with
 every kernel launch replaced by a no-op, and reports microseconds per forward+backward: the part of
 the cost that is ours, measurable on any machine. Likewise the op at a whole-window map (7x7, 16
-heads, as DiNAT-Mini's last level: batched attention, ``dinat.ops.grouped``, as CUDA runs it, SDPA),
-against Swin's window attention (``bench.window_attention``) on the same tiny tensors: host time only.
+heads, as DiNAT-Mini's last level), run each way the backend can (``triton_na.WHOLE_WINDOW``: batched
+attention, ``dinat.ops.grouped``, SDPA as on CUDA; or the whole-window kernels), against Swin's
+window attention (``bench.window_attention``) on the same tiny tensors: host time only.
 
-Then, for dinat_mini (attention on this backend) and timm's Swin-T, it counts the PyTorch ops that
-one training step's forward and backward dispatch, and the Triton kernels they launch (views aside:
-each of the rest launches a kernel or more on a GPU), at batch 2 and 224 px under the CPU's bfloat16
-autocast: the bench's training step without its optimizer. A step bound by the CPU's launches costs
-about in proportion to them. With them: each model's blocks and activations per image.
+Then, for dinat_mini (attention on this backend, its whole-window layers each way) and timm's Swin-T,
+it counts the PyTorch ops that one training step's forward and backward dispatch, and the Triton
+kernels they launch (views aside: each of the rest launches a kernel or more on a GPU), at batch 2
+and 224 px under the CPU's bfloat16 autocast: the bench's training step without its optimizer. A
+step bound by the CPU's launches costs about in proportion to them. With them: each model's blocks
+and activations per image.
 
     TRITON_INTERPRET=1 python benchmarks/triton_host_overhead.py
 """
@@ -128,14 +130,21 @@ def main(repeats: int = 2000) -> None:
     rpb, bias = torch.randn(16, 13, 13, requires_grad=True), torch.randn(16, 49, 49, requires_grad=True)
     grad = torch.randn(1, 7, 7, 16, 8)
     sdpa = mock.patch.object(grouped, "sdpa_by_default", lambda device_type, features, rpb: True)  # as on CUDA
-    with use_backend("triton"), sdpa:
-        ours = host_times(lambda: na2d(q, k, v, 7, 1, rpb), grad, repeats)
     window = host_times(lambda: window_attention(q, k, v, bias), grad, repeats)
-    print("whole-window map (7x7, 16 heads), against window attention: " + ", ".join(
-        f"{name} {ours[name]:.0f} against {window[name]:.0f} us ({ours[name] / window[name]:.2f}x)" for name in ours
-    ))  # fmt: skip
-    for name in ("dinat_mini", "swin_tiny_patch4_window7_224"):
-        counts, blocks, activations = training_step_ops(name)
+    for way in triton_na._WHOLE_WINDOW_WAYS:
+        with use_backend("triton"), sdpa, mock.patch.object(triton_na, "WHOLE_WINDOW", way):
+            ours = host_times(lambda: na2d(q, k, v, 7, 1, rpb), grad, repeats)
+        print(f"whole-window map (7x7, 16 heads) as {way}, against window attention: " + ", ".join(
+            f"{name} {ours[name]:.0f} against {window[name]:.0f} us ({ours[name] / window[name]:.2f}x)" for name in ours
+        ))  # fmt: skip
+    # the models' whole windows batched run matmul + softmax here (one fused kernel each way on CUDA;
+    # the CPU's SDPA with a mask would count its decomposition)
+    runs = [("dinat_mini", way) for way in triton_na._WHOLE_WINDOW_WAYS] + [("swin_tiny_patch4_window7_224", "sdpa")]
+    for name, way in runs:
+        with mock.patch.object(triton_na, "WHOLE_WINDOW", way):
+            counts, blocks, activations = training_step_ops(name)
+        if name.startswith("dinat"):
+            name += " (whole windows " + ("batched: matmul + softmax)" if way == "sdpa" else "on their Triton kernels)")
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
         print(f"{name}: {blocks} blocks, {activations / 1e6:.1f}M activations per image, {sum(counts.values())} "
               f"ops and Triton kernels per training step's forward+backward ({top}, ...)")  # fmt: skip

@@ -14,6 +14,10 @@ import torch
 from _triton_utils import HAS_TRITON, INTERPRETED
 from dinat.ops import triton_na
 
+ahead_of_time = pytest.mark.skipif(
+    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
+    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
+)
 FUSED = ("forward", "query", "key")
 ALL_KERNELS = (*FUSED, "dot", "weighted_sum", "scatter")
 # The candidates that ask for the most shared memory: the most pipeline stages (of those, the most
@@ -29,10 +33,7 @@ SHARED_MEMORY_CASES = [(MOST_STAGES, dtype, dim, (13, 13)) for dtype, dim in SIZ
 SHARED_MEMORY_CASES += [(MOST_ROWS, t, dim, (13, 13)) for t, dim in SIZES if not triton_na._is_wide_fp32(t, dim)]
 
 
-@pytest.mark.skipif(
-    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
-    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
-)
+@ahead_of_time
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
 @pytest.mark.parametrize(
     "dtype,kernel,head_dim,with_rpb",
@@ -50,10 +51,7 @@ def test_kernels_compile_for_gpus(arch, dtype, kernel, head_dim, with_rpb) -> No
     _assert_compiles(arch, dtype, kernel, head_dim, with_rpb, triton_na.TILES[0])
 
 
-@pytest.mark.skipif(
-    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
-    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
-)
+@ahead_of_time
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tile", triton_na.TILES[1:], ids=str)
 def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
@@ -62,10 +60,7 @@ def test_kernels_compile_for_gpus_with_every_tile(tile, dtype) -> None:
     _assert_compiles(90, dtype, (7, 7), 32, True, tile, FUSED)
 
 
-@pytest.mark.skipif(
-    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
-    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
-)
+@ahead_of_time
 @pytest.mark.parametrize("name", FUSED)
 def test_programs_of_fewer_than_16_places_are_refused(name) -> None:
     """tl.dot needs 16 rows: a program of one row of 8 places fails to compile, and says why."""
@@ -74,10 +69,7 @@ def test_programs_of_fewer_than_16_places_are_refused(name) -> None:
     assert all(c.tile * c.rows >= triton_na._DOT_ROWS for c in triton_na.TILES)
 
 
-@pytest.mark.skipif(
-    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
-    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
-)
+@ahead_of_time
 @pytest.mark.parametrize(("tile", "dtype", "head_dim", "kernel"), SHARED_MEMORY_CASES, ids=str)
 def test_the_widest_heads_fit_the_shared_memory_of_an_a100(tile, dtype, head_dim, kernel) -> None:
     """Triton checks shared memory only at launch. At tile 16 every fused kernel fits an A100's
@@ -90,10 +82,7 @@ def test_the_widest_heads_fit_the_shared_memory_of_an_a100(tile, dtype, head_dim
         assert compiled[name].metadata.shared <= limit, name
 
 
-@pytest.mark.skipif(
-    INTERPRETED or not HAS_TRITON or torch.cuda.is_available(),
-    reason="for machines without a GPU (Triton installed, not interpreting); with one, the kernels run",
-)
+@ahead_of_time
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
 @pytest.mark.parametrize(
     "dtype,kernel,head_dim,with_rpb",

@@ -55,6 +55,13 @@ def _tokens(base, b, rows, n, cols, d, s_b, s_h, s_w, s_n):
 
 
 @triton.jit
+def _statistic(b, rows, cols, n, height, width, heads):
+    """Offsets of tokens (b, rows[i], cols[i], head n) in a (B, H, W, heads) float32 statistic (the
+    log-sum-exp, delta), contiguous."""
+    return ((b * height + rows) * width + cols) * heads + n
+
+
+@triton.jit
 def _same_row(row, cols):
     """``row`` for each of ``cols`` (tokens of one row, for :func:`_tokens`)."""
     return tl.zeros_like(cols) + row
@@ -226,9 +233,7 @@ def na2d_forward_kernel(
     l_safe = tl.where(valid, l_sum, 1.0)
     out = acc / l_safe[:, None]
     tl.store(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), out.to(OUT.dtype.element_ty), mask=q_mask)
-    # LSE is (B, H, W, heads) contiguous
-    lse_ptr = LSE + ((b * height + rows) * width + cols) * heads + n
-    tl.store(lse_ptr, m + tl.log2(l_safe), mask=valid)
+    tl.store(LSE + _statistic(b, rows, cols, n, height, width, heads), m + tl.log2(l_safe), mask=valid)
 
 
 @triton.jit
@@ -279,7 +284,7 @@ def na2d_backward_query_kernel(
     do = tl.load(_tokens(DO, b, rows, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
     out = tl.load(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=q_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-    token = ((b * height + rows) * width + cols) * heads + n
+    token = _statistic(b, rows, cols, n, height, width, heads)
     tl.store(DELTA + token, delta, mask=valid)
     lse = tl.load(LSE + token, mask=valid, other=0.0)
     dq = tl.zeros([ROWS * BLOCK_M, BLOCK_D], tl.float32)
@@ -358,7 +363,7 @@ def na2d_backward_key_kernel(
         rows = _same_row(row_group + dil_h * query_row_place, cols)
         q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=q_mask, other=0.0)
         do = tl.load(_tokens(DO, b, rows, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=q_mask, other=0.0)
-        token = ((b * height + rows) * width + cols) * heads + n
+        token = _statistic(b, rows, cols, n, height, width, heads)
         lse = tl.load(LSE + token, mask=valid, other=0.0)
         delta = tl.load(DELTA + token, mask=valid, other=0.0)
         # transposed tile: keys x queries
@@ -380,6 +385,20 @@ def na2d_backward_key_kernel(
 # (BLOCK x BLOCK) tile: (kh*kw / BLOCK)**2 of the products are needed (49 of 64 at 7x7, against 49
 # of 128 per query for the neighborhood kernels' tiles), and the tokens are read and written where
 # they lie in the (B, H, W, heads, D) map, without gathering the groups into a batch first.
+
+
+@triton.jit
+def _group_places(KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
+    """A group's BLOCK padded places: (index t, t < kh*kw, place row, place column)."""
+    t = tl.arange(0, BLOCK)
+    return t, t < KH * KW, t // KW, t % KW
+
+
+@triton.jit
+def _group_tokens(group, t_row, t_col, dil_h, dil_w):
+    """Rows and columns of the tokens at places (t_row, t_col) of dilation group ``group`` (row-major
+    over the dil_h x dil_w groups)."""
+    return group // dil_w + dil_h * t_row, group % dil_w + dil_w * t_col
 
 
 @triton.jit
@@ -407,10 +426,8 @@ def na2d_whole_forward_kernel(
     """Output and base-2 log-sum-exp of one (image, head, dilation group): program ids 0 and 1."""
     pid_bn, group = tl.program_id(0), tl.program_id(1)
     b, n = (pid_bn // heads).to(tl.int64), pid_bn % heads
-    t = tl.arange(0, BLOCK)
-    valid = t < KH * KW
-    t_row, t_col = t // KW, t % KW
-    rows, cols = group // dil_w + dil_h * t_row, group % dil_w + dil_w * t_col
+    t, valid, t_row, t_col = _group_places(KH, KW, BLOCK)
+    rows, cols = _group_tokens(group, t_row, t_col, dil_h, dil_w)
     d = tl.arange(0, BLOCK_D)
     mask = valid[:, None] & (d < head_dim)[None, :]
     q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=mask, other=0.0)
@@ -422,7 +439,7 @@ def na2d_whole_forward_kernel(
     l_sum = tl.where(valid, tl.sum(p, 1), 1.0)
     out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_sum[:, None]
     tl.store(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(LSE + ((b * height + rows) * width + cols) * heads + n, m + tl.log2(l_sum), mask=valid)
+    tl.store(LSE + _statistic(b, rows, cols, n, height, width, heads), m + tl.log2(l_sum), mask=valid)
 
 
 @triton.jit
@@ -444,23 +461,21 @@ def na2d_whole_backward_kernel(
     logits' gradients over them: DRPB is (heads, P, kh*kw, kh*kw), query-major; the caller sums the
     programs and maps (query, key) pairs to rpb entries (deterministic, no atomics)."""
     program, n, programs = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-    t = tl.arange(0, BLOCK)
-    valid = t < KH * KW
-    t_row, t_col = t // KW, t % KW
+    t, valid, t_row, t_col = _group_places(KH, KW, BLOCK)
     d = tl.arange(0, BLOCK_D)
     mask = valid[:, None] & (d < head_dim)[None, :]
     ds_sum = tl.zeros([BLOCK, BLOCK], tl.float32)
     groups = dil_h * dil_w
     for item in range(program, batch * groups, programs):
         b, group = (item // groups).to(tl.int64), item % groups
-        rows, cols = group // dil_w + dil_h * t_row, group % dil_w + dil_w * t_col
+        rows, cols = _group_tokens(group, t_row, t_col, dil_h, dil_w)
         q = tl.load(_tokens(Q, b, rows, n, cols, d, q_sb, q_sh, q_sw, q_sn), mask=mask, other=0.0)
         k = tl.load(_tokens(K, b, rows, n, cols, d, k_sb, k_sh, k_sw, k_sn), mask=mask, other=0.0)
         v = tl.load(_tokens(V, b, rows, n, cols, d, v_sb, v_sh, v_sw, v_sn), mask=mask, other=0.0)
         do = tl.load(_tokens(DO, b, rows, n, cols, d, do_sb, do_sh, do_sw, do_sn), mask=mask, other=0.0)
         out = tl.load(_tokens(OUT, b, rows, n, cols, d, o_sb, o_sh, o_sw, o_sn), mask=mask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-        lse = tl.load(LSE + ((b * height + rows) * width + cols) * heads + n, mask=valid, other=0.0)
+        lse = tl.load(LSE + _statistic(b, rows, cols, n, height, width, heads), mask=valid, other=0.0)
         s = _whole_logits(q, k, RPB, n, r_sn, r_sh, t_row, t_col, valid, scale_log2, KH, KW, HAS_RPB, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)

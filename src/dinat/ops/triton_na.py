@@ -455,11 +455,11 @@ def _whole_kernel(name: str):
     return getattr(triton_kernels, f"na2d_whole_{name}_kernel")
 
 
-def _whole_programs(q: Tensor, dilation: list[int]) -> int:
-    """Programs per head of the whole-window backward with an rpb (each sums the logits' gradients of
-    its groups): about _WHOLE_PROGRAMS in all, one group each at most."""
-    batch, heads = q.shape[0], q.shape[3]
-    return max(1, min(batch * dilation[0] * dilation[1], _WHOLE_PROGRAMS // max(heads, 1)))
+def _whole_programs(q: Tensor, dilation: list[int], has_rpb: bool) -> int:
+    """Programs per head of the whole-window backward: one per group, or with an rpb (each program
+    then sums the logits' gradients of its groups) about _WHOLE_PROGRAMS in all, one group each at most."""
+    groups, heads = q.shape[0] * dilation[0] * dilation[1], q.shape[3]
+    return max(1, min(groups, _WHOLE_PROGRAMS // max(heads, 1))) if has_rpb else groups
 
 
 def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device) -> Tensor:
@@ -480,16 +480,19 @@ def _tiles_and_slots(q: Tensor, dilation: list[int]) -> tuple[set[int], int]:
     return tiles, _grid(q, dilation, min(tiles))[2]
 
 
-def _rpb_partial_shape(q: Tensor, kernel: list[int], dilation: list[int], has_rpb: bool) -> tuple[int, ...]:
-    """Shape of the backward's rpb-gradient partial sums: the query kernel's (batch, heads, query
-    row, column slot, i-th key row, rpb column), or the whole-window kernel's (heads, programs,
-    query, key); (0,) without rpb."""
+def _rpb_partial_shape(q: Tensor, kernel: list[int], slots: int, has_rpb: bool) -> tuple[int, ...]:
+    """Shape of the query kernel's rpb-gradient partial sums, (batch, heads, query row, column slot,
+    i-th key row, rpb column); (0,) without rpb."""
     if not has_rpb:
         return (0,)
     batch, height, _, heads, _ = q.shape
-    if _whole_kernels_apply(q, kernel, dilation):
-        return (heads, _whole_programs(q, dilation), kernel[0] * kernel[1], kernel[0] * kernel[1])
-    return (batch, heads, height, _tiles_and_slots(q, dilation)[1], kernel[0], 2 * kernel[1] - 1)
+    return (batch, heads, height, slots, kernel[0], 2 * kernel[1] - 1)
+
+
+def _whole_partial_shape(q: Tensor, kernel: list[int], programs: int, has_rpb: bool) -> tuple[int, ...]:
+    """Shape of the whole-window backward's rpb-gradient partial sums, (heads, programs, query, key);
+    (0,) without rpb."""
+    return (q.shape[3], programs, kernel[0] * kernel[1], kernel[0] * kernel[1]) if has_rpb else (0,)
 
 
 def _rpb_gradient(partial: Tensor, rpb: Tensor, kernel: list[int], dilation: list[int]) -> Tensor:
@@ -539,10 +542,10 @@ def _launch_backward(
     strides = _strides(q, k, v, grad_out)
     grad_q, grad_k, grad_v = grads
 
-    partial_shape = _rpb_partial_shape(q, kernel, dilation, rpb is not None)
     if _whole_kernels_apply(q, kernel, dilation):
+        programs = _whole_programs(q, dilation, rpb is not None)
+        partial_shape = _whole_partial_shape(q, kernel, programs, rpb is not None)
         partial = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
-        programs = _whole_programs(q, dilation) if rpb is not None else batch * dilation[0] * dilation[1]
         with _device_of(q):
             _whole_kernel("backward")[(programs, heads)](
                 q, k, v, bias, grad_out, out, lse, grad_q, grad_k, grad_v, partial, *strides, *_strides(out, grad_q),
@@ -553,7 +556,7 @@ def _launch_backward(
     # every slot of the partial sums is written when the autotuner has one tile size, else some stay zero
     tiles, slots = _tiles_and_slots(q, dilation)
     allocate = torch.empty if len(tiles) == 1 else torch.zeros
-    partial = allocate(partial_shape, dtype=torch.float32, device=q.device)
+    partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)  # the query kernel's
     with _device_of(q):
         _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
@@ -621,7 +624,13 @@ def _fake_forward(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _fake_partial(q: Tensor, rpb: Tensor | None, kernel: list[int], dilation: list[int]) -> Tensor:
-    return q.new_empty(_rpb_partial_shape(q, kernel, dilation, rpb is not None), dtype=torch.float32)
+    """The rpb-gradient partial sums the backward ops return (see _launch_backward)."""
+    has_rpb = rpb is not None
+    if _whole_kernels_apply(q, kernel, dilation):
+        shape = _whole_partial_shape(q, kernel, _whole_programs(q, dilation, has_rpb), has_rpb)
+    else:
+        shape = _rpb_partial_shape(q, kernel, _tiles_and_slots(q, dilation)[1], has_rpb)
+    return q.new_empty(shape, dtype=torch.float32)
 
 
 @na2d_triton.register_fake

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 from conftest import DATA
-from dinat.ops import triton_na
+from dinat.ops import na2d, triton_na, use_backend
 
 # Triton caches compiled kernels under ~/.triton unless told otherwise; CI's home may not be
 # writable, so the tests keep theirs in the temporary directory (as inductor does).
@@ -57,3 +59,30 @@ def run_interpreted(test_file: str, deselect: str = "") -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(test_file).parent.parent)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+def recording_aot_eager(traced: list[str]):
+    """A torch.compile backend: aot_autograd running its graphs as they are (as "aot_eager"), which
+    appends the target of every call in the forward and backward graphs to ``traced``."""
+
+    def record(graph_module, _inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph_module)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def assert_matches_golden(case: dict) -> None:
+    """na2d on the triton backend (scale=1) equals the original's qk -> softmax -> av in golden
+    ``case``, forward and every gradient."""
+    q, k, v = (case[n].permute(0, 2, 3, 1, 4).to(DEVICE, copy=True).requires_grad_() for n in ("q", "k", "v"))
+    rpb = None if case["rpb"] is None else case["rpb"].to(DEVICE, copy=True).requires_grad_()
+    with use_backend("triton"):
+        out = na2d(q, k, v, case["kernel_size"], case["dilation"], rpb, 1.0)
+    torch.testing.assert_close(out.cpu(), case["out"].permute(0, 2, 3, 1, 4), **TOL)
+    out.backward(case["grad_out"].permute(0, 2, 3, 1, 4).to(DEVICE))
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        expected = case[f"grad_{name}"].permute(0, 2, 3, 1, 4)
+        torch.testing.assert_close(tensor.grad.cpu(), expected, **TOL, msg=f"grad_{name}")
+    if rpb is not None:
+        torch.testing.assert_close(rpb.grad.cpu(), case["grad_rpb"], **TOL, msg="grad_rpb")

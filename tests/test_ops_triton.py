@@ -10,8 +10,6 @@ import sys
 
 import pytest
 import torch
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
 
 from _triton_utils import (
     DEVICE,
@@ -21,8 +19,10 @@ from _triton_utils import (
     INTERPRETED,
     RUNNABLE,
     TOL,
+    assert_matches_golden,
     needs_interpreter_run,
     needs_kernels,
+    recording_aot_eager,
     run_interpreted,
 )
 from conftest import assert_half_close_to_float32
@@ -80,16 +80,7 @@ def _fused_packed(qkv, kernel, dilation, rpb, scale, backend, packed: bool = Tru
 @pytest.mark.parametrize("case", GOLDEN, ids=GOLDEN_IDS)
 def test_golden_cases(case: dict) -> None:
     """na2d (scale=1) equals the original's qk -> softmax -> av, forward and every gradient."""
-    q, k, v = (case[n].permute(0, 2, 3, 1, 4).to(DEVICE, copy=True).requires_grad_() for n in ("q", "k", "v"))
-    rpb = None if case["rpb"] is None else case["rpb"].to(DEVICE, copy=True).requires_grad_()
-    out = _fused(q, k, v, case["kernel_size"], case["dilation"], rpb, 1.0, "triton")
-    torch.testing.assert_close(out.cpu(), case["out"].permute(0, 2, 3, 1, 4), **TOL)
-    out.backward(case["grad_out"].permute(0, 2, 3, 1, 4).to(DEVICE))
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        expected = case[f"grad_{name}"].permute(0, 2, 3, 1, 4)
-        torch.testing.assert_close(tensor.grad.cpu(), expected, **TOL, msg=f"grad_{name}")
-    if rpb is not None:
-        torch.testing.assert_close(rpb.grad.cpu(), case["grad_rpb"], **TOL, msg="grad_rpb")
+    assert_matches_golden(case)
 
 
 # (B, H, W, heads, D), kernel, dilation, rpb: borders on both axes, dilation groups of unequal
@@ -408,16 +399,10 @@ def test_compiled_path_is_the_custom_op_and_agrees_with_eager(packed) -> None:
 
     traced = []
 
-    def record(graph_module, _inputs):
-        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return make_boxed_func(graph_module)
-
-    recording_aot_eager = aot_autograd(fw_compiler=record, bw_compiler=record)
-
     torch._dynamo.reset()
     triton_na._cached_bias_rows.cache_clear()
     results, cache_calls = [], []
-    for fn in (attend, torch.compile(attend, fullgraph=True, backend=recording_aot_eager)):
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend=recording_aot_eager(traced))):
         results.append(_output_and_gradients(fn, qkv, rpb))
         cache_calls.append(triton_na._cached_bias_rows.cache_info()[:2])  # (hits, misses)
     assert type(results[0][0].grad_fn).__name__ == "_EagerNA2dBackward"

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
 
-from _triton_utils import DEVICE, GOLDEN, GOLDEN_IDS, TOL, needs_interpreter_run, needs_kernels, run_interpreted
+from _triton_utils import (
+    DEVICE,
+    GOLDEN,
+    GOLDEN_IDS,
+    assert_matches_golden,
+    needs_interpreter_run,
+    needs_kernels,
+    recording_aot_eager,
+    run_interpreted,
+)
 from conftest import assert_half_close_to_float32
 from dinat.ops import grouped, na2d, na2d_qkvpacked, primitives, reference, triton_na, use_backend
+from dinat.ops.functional import check_kernel_and_dilation
 
 
 @needs_interpreter_run
@@ -38,16 +46,8 @@ def whole_kernels(monkeypatch) -> list[str]:
     return launched
 
 
-def _to_tokens_first(t: torch.Tensor) -> torch.Tensor:
-    return t.permute(0, 2, 3, 1, 4)
-
-
-def _pair(value: int | list[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def _is_whole(case: dict) -> bool:
-    return grouped.is_whole(*case["q"].shape[2:4], _pair(case["kernel_size"]), _pair(case["dilation"]))
+    return grouped.is_whole(*case["q"].shape[2:4], *check_kernel_and_dilation(case["kernel_size"], case["dilation"]))
 
 
 WHOLE_GOLDEN = [(case, name) for case, name in zip(GOLDEN, GOLDEN_IDS) if _is_whole(case)]
@@ -57,15 +57,7 @@ WHOLE_GOLDEN = [(case, name) for case, name in zip(GOLDEN, GOLDEN_IDS) if _is_wh
 @pytest.mark.parametrize("case", [c for c, _ in WHOLE_GOLDEN], ids=[i for _, i in WHOLE_GOLDEN])
 def test_golden_cases_of_whole_windows(whole_kernels, case: dict) -> None:
     """The original's outputs and gradients (7x7 at dilation 1, 14x14 at 2, 28x28 at 4, 56x56 at 8)."""
-    q, k, v = (_to_tokens_first(case[n]).to(DEVICE, copy=True).requires_grad_() for n in ("q", "k", "v"))
-    rpb = case["rpb"].to(DEVICE, copy=True).requires_grad_()
-    with use_backend("triton"):
-        out = na2d(q, k, v, case["kernel_size"], case["dilation"], rpb, 1.0)
-    torch.testing.assert_close(out.cpu(), _to_tokens_first(case["out"]), **TOL)
-    out.backward(_to_tokens_first(case["grad_out"]).to(DEVICE))
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        torch.testing.assert_close(tensor.grad.cpu(), _to_tokens_first(case[f"grad_{name}"]), **TOL, msg=name)
-    torch.testing.assert_close(rpb.grad.cpu(), case["grad_rpb"], **TOL, msg="grad_rpb")
+    assert_matches_golden(case)
     assert whole_kernels == ["forward", "backward"]
 
 
@@ -193,12 +185,7 @@ def test_compiled_agrees_with_eager(whole_kernels) -> None:
             return na2d_qkvpacked(qkv, 7, 2, rpb, 0.3)
 
     traced = []
-
-    def record(graph_module, _inputs):
-        traced.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return make_boxed_func(graph_module)
-
-    compiled = torch.compile(attend, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled = torch.compile(attend, fullgraph=True, backend=recording_aot_eager(traced))
     results = []
     for fn in (attend, compiled):
         leaves = [qkv.clone().requires_grad_(), rpb.clone().requires_grad_()]

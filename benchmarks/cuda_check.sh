@@ -6,8 +6,8 @@
 #      dinat_mini's inference and training step against Swin-T's (bfloat16, batch 128);
 #   3. the same models compiled with CUDA graphs (--compile reduce-overhead);
 #   4. the op against window attention, both compiled with CUDA graphs (the host's launches out);
-#   5. dinat_mini's step with CUDA graphs, its whole-window layers run each way (SDPA, the default,
-#      and the whole-window Triton kernels, DINAT_WHOLE_WINDOW=triton; matmul + softmax was slower:
+#   5. dinat_mini's step with CUDA graphs, its whole-window layers run each way (the whole-window
+#      Triton kernels, the default, and SDPA, DINAT_WHOLE_WINDOW=sdpa; matmul + softmax was slower:
 #      BENCHMARKS.md) beside Swin-T's, profiled; and the op each way at those maps against window
 #      attention, compiled alike (benchmarks/cuda_kernels.py).
 # Each step has its own time limit, so the later figures come back even if an earlier step runs long

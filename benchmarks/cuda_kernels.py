@@ -19,10 +19,10 @@ goes to kernels.json; the autotuner's picks for the models' shapes are printed.
 
 ``--whole-window sdpa matmul triton`` profiles and times dinat_mini once per way of running its
 whole-window layers (11 of its 18: every dilated one, and the 7x7 level), whose dilation groups are
-single windows (``dinat.ops.grouped``): ``sdpa`` (the CUDA default: the groups gathered into a batch
+single windows (``dinat.ops.grouped``): ``sdpa`` (``DINAT_WHOLE_WINDOW=sdpa``: the groups gathered into a batch
 for the memory-efficient kernel, 64x64 tiles over 49 tokens), ``matmul`` (the same batch through
 matmul, softmax, matmul: compiled, inductor fuses the bias, softmax and cast between the batched
-matmuls) or ``triton`` (the whole-window Triton kernels, ``DINAT_WHOLE_WINDOW=triton``: one group
+matmuls) or ``triton`` (the whole-window Triton kernels, the CUDA default: one group
 per 64x64 tile, the tokens read in place, the rpb gradient summed in the kernel); and times the op's
 forward+backward each way at those maps against window attention, compiled as the steps are (every
 run does this for its ways).
@@ -45,7 +45,7 @@ from typing import TypeVar
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dinat.bench import _build, interleaved_medians, to_device, training_step, window_attention
+from dinat.bench import _build, _with_backward, interleaved_medians, to_device, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
 from dinat.config import COMPILE_MODES
 from dinat.factory import compile_model
@@ -163,6 +163,7 @@ def op_level(size: int, heads: int, batch: int, dtype: torch.dtype) -> dict:
 
 
 WHOLE_WINDOW = ("sdpa", "matmul", "triton")
+DEFAULT_WAY = triton_na.WHOLE_WINDOW  # the backend's own (DINAT_WHOLE_WINDOW)
 
 
 @contextlib.contextmanager
@@ -175,9 +176,8 @@ def whole_window_as(way: str):
     if way not in WHOLE_WINDOW:
         raise ValueError(f"whole-window way must be one of {WHOLE_WINDOW}, got {way!r}")
     original = triton_na.WHOLE_WINDOW, grouped.sdpa_by_default
-    if way == "triton":
-        triton_na.WHOLE_WINDOW = "triton"
-    elif way == "matmul":
+    triton_na.WHOLE_WINDOW = "triton" if way == "triton" else "sdpa"
+    if way == "matmul":
         grouped.sdpa_by_default = _never_sdpa
     try:
         yield
@@ -226,17 +226,20 @@ def whole_window_level(
             torch._dynamo.mark_static_address(tensor)
         forwards = {name: compile_model(f, compile_mode) for name, f in forwards.items()}
 
-    def step(forward: Callable[[], torch.Tensor]) -> None:
-        if compile_mode == "reduce-overhead":
-            # a new iteration for CUDA graph trees: the round-robin interleaves several compiled
-            # functions' graphs, and without it the trees overwrote a forward's output before its
-            # backward ran (the H200, 2026-11-27)
-            torch.compiler.cudagraph_mark_step_begin()
-        forward().backward(grad)
+    def step(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        backward = _with_backward(forward, grad, (qkv, rpb, bias))
+        if compile_mode != "reduce-overhead":
+            return backward
 
-    steps = {
-        name: _with_whole_window(lambda f=f: step(f), name if name in ways else "sdpa") for name, f in forwards.items()
-    }
+        def marked() -> None:
+            # a new iteration for CUDA graph trees, as a training loop's: the round-robin
+            # interleaves several compiled functions' graphs
+            torch.compiler.cudagraph_mark_step_begin()
+            backward()
+
+        return marked
+
+    steps = {name: _with_whole_window(step(f), name if name in ways else DEFAULT_WAY) for name, f in forwards.items()}
     ms = {name: seconds * 1e3 for name, seconds in interleaved_medians(steps, 20, torch.device("cuda")).items()}
     shape = f"{size}x{size} h{heads} d{dilation}"
     each = ", ".join(f"{name} {ms[name]:.3f} ms ({ms[name] / ms['window']:.2f}x)" for name in ways)
@@ -249,12 +252,12 @@ def whole_window_level(
 
 def _runs(names: tuple[str, ...], ways: tuple[str, ...]) -> list[tuple[str, str]]:
     """(model, whole-window way) pairs: each dinat model once per way in ``ways``, the others once."""
-    return [(name, way) for name in names for way in (ways if name.startswith("dinat") else ("sdpa",))]
+    return [(name, way) for name in names for way in (ways if name.startswith("dinat") else (DEFAULT_WAY,))]
 
 
 def _label_of(name: str, way: str) -> str:
     """The model's name, with ``[way]`` where its whole windows are not run the default way."""
-    return name if way == "sdpa" else f"{name}[{way}]"
+    return name if way == DEFAULT_WAY else f"{name}[{way}]"
 
 
 def _model(name: str, compile_mode: str | None) -> torch.nn.Module:
@@ -264,7 +267,7 @@ def _model(name: str, compile_mode: str | None) -> torch.nn.Module:
 
 
 def model_profile(
-    name: str, batch: int, dtype: torch.dtype, compile_mode: str | None = None, way: str = "sdpa"
+    name: str, batch: int, dtype: torch.dtype, compile_mode: str | None = None, way: str = DEFAULT_WAY
 ) -> dict:
     torch.manual_seed(0)
     model = _model(name, compile_mode)
@@ -307,7 +310,7 @@ def model_profile(
 
 
 def side_by_side(
-    names: tuple[str, ...], batch: int, dtype: torch.dtype, compile_mode: str | None = None, ways=("sdpa",)
+    names: tuple[str, ...], batch: int, dtype: torch.dtype, compile_mode: str | None = None, ways=(DEFAULT_WAY,)
 ) -> dict:
     """ms per training step of each model, all resident and timed as `dinat bench` times them
     (bench.interleaved_medians: round-robin samples of pipelined steps): beside model_profile's
@@ -337,8 +340,8 @@ def main() -> None:
         "--compile", choices=COMPILE_MODES, help="the training steps compiled in this mode (e.g. reduce-overhead)"
     )
     parser.add_argument(
-        "--whole-window", nargs="+", choices=WHOLE_WINDOW, default=["sdpa"],
-        help="dinat_mini once per way of running its whole-window layers (default: sdpa, the backends' own)",
+        "--whole-window", nargs="+", choices=WHOLE_WINDOW, default=[DEFAULT_WAY],
+        help="dinat_mini once per way of running its whole-window layers (default: the backend's own)",
     )  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available() or not triton_na.available():

@@ -45,21 +45,25 @@ def test_bench_compile_flag(tmp_path, monkeypatch, flags, mode) -> None:
 
 
 def test_bench_compiles_the_op_candidates(tmp_path, monkeypatch) -> None:
-    """--compile with the op suite compiles every candidate (forward, and its backward with it) and
-    marks its tensors static (CUDA graphs read them in place); the compiled figures are real."""
-    monkeypatch.setattr(bench, "DINAT_MINI_LEVELS", [(14, 1, (2,))])
+    """--compile with the op suite compiles every candidate (forward, and its backward with it) at
+    every level (dynamo's recompile limit, set low here, would otherwise run the later levels
+    uncompiled) and marks its tensors static (CUDA graphs read them in place); the figures are real."""
+    monkeypatch.setattr(bench, "DINAT_MINI_LEVELS", [(14, 1, (2,)), (7, 1, (1,))])
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     static = []
     monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t: static.append(t.shape))
     argv = ["--suite", "op", "--batch", "1", "--repeats", "1", "--threads", "1", "--compile", "--compare", "cpu"]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     results = bench.main([*argv, "--no-reference", "--output", str(tmp_path)])
-    (row,) = results["op"]
-    assert row["shape"] == "14x14 h1 d2" and results["compile"] == "default"
-    assert all(row[f"{name}_fwdbwd_ms"] > 0 for name in ("fast", "window", "dense_sdpa", "cpu"))
-    assert static == [(1, 14, 14, 1, 32)] * 3 + [(1, 13, 13), (1, 49, 49)]  # q, k, v, rpb, window bias
-    # each candidate's forward compiled without and with gradients
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4 * 2, torch._dynamo.utils.counters["stats"]
+    assert [row["shape"] for row in results["op"]] == ["14x14 h1 d2", "7x7 h1 d1"]
+    assert results["compile"] == "default"
+    candidates = ("fast", "window", "dense_sdpa", "cpu")
+    assert all(row[f"{name}_fwdbwd_ms"] > 0 for row in results["op"] for name in candidates)
+    tensors = [(1, 13, 13), (1, 49, 49)]  # after q, k, v: rpb, window bias
+    assert static == [(1, 14, 14, 1, 32)] * 3 + tensors + [(1, 7, 7, 1, 32)] * 3 + tensors
+    # each level's candidates' forwards compiled without and with gradients
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * 4 * 2, torch._dynamo.utils.counters["stats"]
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys) -> None:

@@ -1,5 +1,5 @@
-"""The Triton backend's whole-window kernels (maps whose dilation groups are single windows, with
-DINAT_WHOLE_WINDOW=triton): against the original's outputs and the float64 reference, how na2d
+"""The Triton backend's whole-window kernels (maps whose dilation groups are single windows; the
+default, DINAT_WHOLE_WINDOW=triton): against the original's outputs and the float64 reference, how na2d
 routes maps to them, their custom ops under opcheck and torch.compile (on CUDA, or in Triton's
 interpreter: see _triton_utils).
 """
@@ -117,7 +117,7 @@ def test_half_precision_close_to_float32(whole_kernels) -> None:
 
 @needs_kernels
 def test_maps_routed_by_setting_and_size(monkeypatch) -> None:
-    """With "sdpa" (the default) whole-window maps run as batched attention; with "triton" on the
+    """With "sdpa" whole-window maps run as batched attention; with "triton" (the default) on the
     whole-window kernels, but for groups of over 64 tokens (9x9) and head features over 256 bytes
     (float32 at head dim 72), which stay batched; other maps always run on the neighborhood kernels."""
     batched = []
@@ -141,6 +141,8 @@ def test_maps_routed_by_setting_and_size(monkeypatch) -> None:
 
 
 def test_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("DINAT_WHOLE_WINDOW", raising=False)
+    assert triton_na._whole_window_way() == "triton"
     monkeypatch.setenv("DINAT_WHOLE_WINDOW", "sdpa")
     assert triton_na._whole_window_way() == "sdpa"
     monkeypatch.setenv("DINAT_WHOLE_WINDOW", "kernels")

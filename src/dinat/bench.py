@@ -95,13 +95,20 @@ def dense_attention(q, k, v):
     return out.transpose(1, 2).reshape(batch, height, width, heads, dim)
 
 
-def _with_backward(forward: Callable[[], torch.Tensor], grad_out: torch.Tensor) -> Callable[[], None]:
+def _with_backward(
+    forward: Callable[[], torch.Tensor], grad_out: torch.Tensor, leaves: tuple[torch.Tensor, ...]
+) -> Callable[[], None]:
     """forward, then backward from ``grad_out``: a dense gradient, as a training loss gives (the
     gradient of ``.sum()`` is one value broadcast, which makes batched matmuls fall back to one
-    small product per matrix)."""
+    small product per matrix); then the ``leaves``' gradients dropped, as a training step's
+    ``zero_grad(set_to_none=True)`` does. Under CUDA graphs ("reduce-overhead") a gradient kept
+    from one call is memory of the graph's that its next replay overwrites: accumulating into it
+    fails (the H200, 2026-11-27)."""
 
     def step() -> None:
         forward().backward(grad_out)
+        for leaf in leaves:
+            leaf.grad = None
 
     return step
 
@@ -140,6 +147,10 @@ def op_rows(
 
                 forwards[backend] = forced
             if compile_mode:
+                # every level compiles the same lambdas again, twice (without and with gradients), and
+                # dynamo keeps recompile_limit (8) compilations of a function, then runs it uncompiled:
+                # without a fresh start, the last three levels ran eager (the H200, 2026-11-27)
+                torch._dynamo.reset()
                 # static tensors: CUDA graphs ("reduce-overhead") read them where they are, as a
                 # model's parameters, instead of copying them into the graph's memory at every replay
                 for tensor in (q, k, v, rpb, bias):
@@ -148,7 +159,8 @@ def op_rows(
             with torch.no_grad():
                 fwd = interleaved_medians(forwards, repeats, device)
             grad_out = make(batch, size, size, heads, 32).detach()
-            both = interleaved_medians({n: _with_backward(f, grad_out) for n, f in forwards.items()}, repeats, device)
+            steps = {n: _with_backward(f, grad_out, (q, k, v, rpb, bias)) for n, f in forwards.items()}
+            both = interleaved_medians(steps, repeats, device)
             row = {"shape": f"{size}x{size} h{heads} d{dilation}", "backend": current_backend(q)}
             for name in forwards:
                 row[f"{name}_fwd_ms"] = fwd[name] * 1e3

@@ -1,8 +1,8 @@
 """The Triton backend's kernels on CUDA, one by one: what ``dinat bench`` (whole ops and models) does
 not show, for choosing the autotuner's candidates and seeing where a training step's time goes.
 
-For each undilated DiNAT-Mini level (the shapes that run on the Triton kernels; the dilated ones of
-DiNAT-Mini are whole windows, batched attention), at batch 128, head dim 32, bfloat16:
+For each undilated DiNAT-Mini level (the shapes that run on the neighborhood kernels; the dilated
+ones of DiNAT-Mini are whole windows: below), at batch 128, head dim 32, bfloat16:
 
 * the op's forward and forward+backward against Swin-style window attention (``bench.window_attention``);
 * the forward op, then the backward op, with each fused kernel forced to each configuration of
@@ -19,13 +19,15 @@ goes to kernels.json; the autotuner's picks for the models' shapes are printed.
 
 ``--whole-window sdpa matmul triton`` profiles and times dinat_mini once per way of running its
 whole-window layers (11 of its 18: every dilated one, and the 7x7 level), whose dilation groups are
-single windows (``dinat.ops.grouped``): ``sdpa`` (``DINAT_WHOLE_WINDOW=sdpa``: the groups gathered into a batch
-for the memory-efficient kernel, 64x64 tiles over 49 tokens), ``matmul`` (the same batch through
-matmul, softmax, matmul: compiled, inductor fuses the bias, softmax and cast between the batched
-matmuls) or ``triton`` (the whole-window Triton kernels, the CUDA default: one group
-per 64x64 tile, the tokens read in place, the rpb gradient summed in the kernel); and times the op's
+single windows (``dinat.ops.grouped``): ``sdpa`` (``DINAT_WHOLE_WINDOW=sdpa``: the groups gathered
+into a batch for the memory-efficient kernel, 64x64 tiles over 49 tokens), ``matmul`` (the same
+batch through matmul, softmax, matmul: compiled, inductor fuses the bias, softmax and cast between
+the batched matmuls) or ``triton`` (the whole-window Triton kernels, the CUDA default: one group per
+64x64 tile, the tokens read in place, the rpb gradient summed in the kernel); and times the op's
 forward+backward each way at those maps against window attention, compiled as the steps are (every
-run does this for its ways).
+run does this for its ways). Last, at HOST_LEVELS, where the host's time decides the eager op's
+ratio to window attention, each one's time to issue a forward+backward and its Python functions and
+builtins by their own time (cProfile).
 
     python benchmarks/cuda_kernels.py --output DIR    # on a GPU machine; writes DIR/kernels.json
 """
@@ -34,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import itertools
 import json
+import pstats
 import time
 import traceback
 from collections.abc import Callable
@@ -54,6 +58,9 @@ from dinat.ops import grouped, na2d, na2d_qkvpacked, triton_na
 T = TypeVar("T")
 LEVELS = ((56, 2), (28, 4), (14, 8))
 WHOLE_WINDOW_LEVELS = ((56, 2, 8), (28, 4, 4), (14, 8, 2), (7, 16, 1))  # (side, heads, dilation)
+# the maps where the eager op's forward+backward, mostly host time, came over 1.5x window attention's
+# (call P: 14x14 d1 1.51x, 7x7 1.58x)
+HOST_LEVELS = ((14, 8, 1), (7, 16, 1))
 # the autotuner's candidates (those slower on an H200 or an H100 before: BENCHMARKS.md)
 CONFIGS = triton_na.TILES
 
@@ -250,6 +257,58 @@ def whole_window_level(
     return {"shape": shape, "compile": compile_mode, "fwdbwd_ms": ms}
 
 
+def host_profile(
+    size: int, heads: int, dilation: int, batch: int, dtype: torch.dtype, device: str = "cuda", calls: int = 50
+) -> dict:
+    """Where the host's time goes in the eager op's forward+backward (``na2d``, separate q, k, v as
+    ``dinat bench`` times it), against window attention's on the same tokens: the time to issue a
+    call (the GPU may lag), and cProfile's functions by their own time, builtins (the torch ops,
+    Triton's launcher) included. At the small maps both take under a millisecond, mostly host time."""
+    gen = torch.Generator().manual_seed(0)
+
+    def make(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(device, dtype)
+
+    q, k, v = (make(batch, size, size, heads, 32).requires_grad_() for _ in range(3))
+    rpb, bias = make(heads, 13, 13, std=0.02).requires_grad_(), make(heads, 49, 49, std=0.02).requires_grad_()
+    grad = make(batch, size, size, heads, 32)
+    steps = {
+        "na2d": _with_backward(lambda: na2d(q, k, v, 7, dilation, rpb), grad, (q, k, v, rpb)),
+        "window": _with_backward(lambda: window_attention(q, k, v, bias), grad, (q, k, v, bias)),
+    }
+    shape = f"{size}x{size} h{heads} d{dilation}"
+    row: dict = {"shape": shape}
+    for name, step in steps.items():
+        step()
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        issue_us = (time.perf_counter() - start) / calls * 1e6
+        _synchronize(device)
+        profiler = cProfile.Profile()
+        for _ in range(calls):
+            profiler.runcall(step)
+        _synchronize(device)
+        stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, ..., own time, cumulative, ...)
+        top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:15]
+        functions = [
+            {"function": f"{path.rsplit('/', 1)[-1]}:{line}({function})", "calls": entry[1] // calls,
+             "own_us": entry[2] / calls * 1e6}
+            for (path, line, function), entry in top
+        ]  # fmt: skip
+        print(f"  {shape} {name}: issue {issue_us:.0f} us per forward+backward; own time per call (cProfile):")
+        for f in functions:
+            print(f"    {f['own_us']:7.1f} us  x{f['calls']:<3} {f['function'][:100]}")
+        row[name] = {"issue_us": issue_us, "functions": functions}
+    return row
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _runs(names: tuple[str, ...], ways: tuple[str, ...]) -> list[tuple[str, str]]:
     """(model, whole-window way) pairs: each dinat model once per way in ``ways``, the others once."""
     return [(name, way) for name in names for way in (ways if name.startswith("dinat") else (DEFAULT_WAY,))]
@@ -366,8 +425,9 @@ def main() -> None:
     results["whole_window_levels"] = [
         _recorded(whole_window_level, *level, args.batch, dtype, ways, args.compile) for level in WHOLE_WINDOW_LEVELS
     ]
+    results["host"] = [_recorded(host_profile, *level, args.batch, dtype) for level in HOST_LEVELS]
     write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
-    measured = results["models"] + results["levels"] + results["whole_window_levels"]
+    measured = results["models"] + results["levels"] + results["whole_window_levels"] + results["host"]
     measured.append(results.get("side_by_side_ms", {}))
     failed = [r for r in measured if "error" in r]
     if failed:

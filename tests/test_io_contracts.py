@@ -212,6 +212,22 @@ def test_digits_pixels_span_0_to_255_and_the_split_is_stratified() -> None:
 # --- the command --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--epoch", "3"], "dinat train: error: unrecognized arguments: --epoch (did you mean --epochs"),
+        (["validate", "--model"], "dinat validate: error: argument --model: expected one argument"),
+        (["bench", "--batch", "0"], "dinat bench: error: --batch, --threads, --repeats must be >= 1, got 0"),
+    ],
+)
+def test_argument_errors_are_one_line_that_points_to_help(capsys, argv, message) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(message), err
+    assert err.endswith(f"(see dinat {argv[0]} --help)\n") and err.count("\n") == 1, err
+
+
 def test_help_exits_0_and_errors_exit_2_in_one_line(monkeypatch, capsys) -> None:
     """--help prints the usage on stdout with status 0 (no command: on stderr, status 2); an OSError
     (a path that cannot be used) is 'error: MESSAGE' with status 2; an error re-raised from a

@@ -14,7 +14,7 @@ import difflib
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -388,8 +388,9 @@ def _arg_type(default: Any, annotation: str):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """The commands' parser: no abbreviations (``--epoch`` is not taken for ``--epochs``), and an
-    unknown flag is an error that suggests the close ones."""
+    """The commands' parser: no abbreviations (``--epoch`` is not taken for ``--epochs``), an
+    unknown flag is an error that suggests the close ones, and an error is one line that names the
+    wrong value and points to ``--help`` (argparse prints its whole usage block first)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
@@ -404,6 +405,9 @@ class ArgumentParser(argparse.ArgumentParser):
                 words.append(f"{word} (did you mean {', '.join(close)}?)" if close else word)
             self.error("unrecognized arguments: " + " ".join(words))
         return parsed
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

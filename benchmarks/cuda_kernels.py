@@ -49,7 +49,7 @@ from typing import TypeVar
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dinat.bench import _build, _with_backward, interleaved_medians, to_device, training_step, window_attention
+from dinat.bench import _build, _sync, _with_backward, interleaved_medians, to_device, training_step, window_attention
 from dinat.checkpoints import write_text_atomic
 from dinat.config import COMPILE_MODES
 from dinat.factory import compile_model
@@ -258,7 +258,13 @@ def whole_window_level(
 
 
 def host_profile(
-    size: int, heads: int, dilation: int, batch: int, dtype: torch.dtype, device: str = "cuda", calls: int = 50
+    size: int,
+    heads: int,
+    dilation: int,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    calls: int = 50,
 ) -> dict:
     """Where the host's time goes in the eager op's forward+backward (``na2d``, separate q, k, v as
     ``dinat bench`` times it), against window attention's on the same tokens: the time to issue a
@@ -280,16 +286,16 @@ def host_profile(
     row: dict = {"shape": shape}
     for name, step in steps.items():
         step()
-        _synchronize(device)
+        _sync(device)
         start = time.perf_counter()
         for _ in range(calls):
             step()
         issue_us = (time.perf_counter() - start) / calls * 1e6
-        _synchronize(device)
+        _sync(device)
         profiler = cProfile.Profile()
         for _ in range(calls):
             profiler.runcall(step)
-        _synchronize(device)
+        _sync(device)
         stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, ..., own time, cumulative, ...)
         top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:15]
         functions = [
@@ -302,11 +308,6 @@ def host_profile(
             print(f"    {f['own_us']:7.1f} us  x{f['calls']:<3} {f['function'][:100]}")
         row[name] = {"issue_us": issue_us, "functions": functions}
     return row
-
-
-def _synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _runs(names: tuple[str, ...], ways: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -425,7 +426,9 @@ def main() -> None:
     results["whole_window_levels"] = [
         _recorded(whole_window_level, *level, args.batch, dtype, ways, args.compile) for level in WHOLE_WINDOW_LEVELS
     ]
-    results["host"] = [_recorded(host_profile, *level, args.batch, dtype) for level in HOST_LEVELS]
+    results["host"] = [
+        _recorded(host_profile, *level, args.batch, dtype, torch.device("cuda")) for level in HOST_LEVELS
+    ]
     write_text_atomic(args.output / "kernels.json", json.dumps(results, indent=1, default=str))
     measured = results["models"] + results["levels"] + results["whole_window_levels"] + results["host"]
     measured.append(results.get("side_by_side_ms", {}))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks, each step bounded (1295 s in all: STEPS splits them over 10-minute calls):
+# Issue 6's GPU checks, each step bounded (1595 s in all: STEPS splits them over 10-minute calls):
 #   1. the Triton op tests (each launch configuration is tested by itself, so the rest run on the
 #      first one, without autotuning);
 #   2. `dinat bench` on CUDA, eager: the op at every DiNAT-Mini level against window attention, and
@@ -9,10 +9,13 @@
 #   5. dinat_mini's step with CUDA graphs, its whole-window layers run each way (the whole-window
 #      Triton kernels, the default, and SDPA, DINAT_WHOLE_WINDOW=sdpa; matmul + softmax was slower:
 #      BENCHMARKS.md) beside Swin-T's, profiled; and the op each way at those maps against window
-#      attention, compiled alike (benchmarks/cuda_kernels.py).
+#      attention, compiled alike (benchmarks/cuda_kernels.py);
+#   6. the same eagerly (each way's host cost, which CUDA graphs hide), every autotuner configuration
+#      of the neighborhood kernels at the undilated levels, and where the eager op's host time goes
+#      at 14x14 and 7x7 (cuda_kernels.host_profile).
 # Each step has its own time limit, so the later figures come back even if an earlier step runs long
 # (NO_LIMITS=1 lifts them, as `make bench-cuda` does). STEPS="tests eager" (say) runs some of them:
-# with a fresh install, all five take more than one 10-minute call.
+# with a fresh install, all six take more than one 10-minute call.
 # usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]   (CUDA_TESTS="..." to test other files)
 set -u
 out=${1:?usage: benchmarks/cuda_check.sh OUTPUT_DIR [PYTHON]}
@@ -22,7 +25,7 @@ models="dinat_mini swin_tiny_patch4_window7_224"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-steps=" ${STEPS:-tests eager cudagraphs opgraphs wholewindow} "
+steps=" ${STEPS:-tests eager cudagraphs opgraphs wholewindow eagerways} "
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to OUTPUT_DIR/NAME.log
     local name=$1 limit=$2
     shift 2
@@ -49,3 +52,6 @@ step opgraphs 240 $py -m dinat.cli bench --suite op --compile reduce-overhead --
 step wholewindow 480 $py benchmarks/cuda_kernels.py --skip-configs --compile reduce-overhead \
     --whole-window sdpa triton --output "$out/wholewindow" &&
     grep -E "^(dinat|swin|side by side|  [0-9]+x[0-9]+ h[0-9]+ d[0-9]+ fwd)" "$out/wholewindow.log"
+step eagerways 300 $py benchmarks/cuda_kernels.py --whole-window sdpa triton --output "$out/eagerways" &&
+    grep -E "^(dinat|swin|side by side|  [0-9]+x[0-9]+ h[0-9]+ d[0-9]+ (fwd|na2d|window))|^  [0-9]+x[0-9]+ h[0-9]+ d1: best" \
+        "$out/eagerways.log"

@@ -4,7 +4,7 @@ When H == kh*dh and W == kw*dw, each dilation group (row mod dh, column mod dw) 
 and every query's clamped window is its whole group: the op is plain attention within groups, as
 Swin's window attention is within windows. The fast backends run it as batched attention instead
 of their neighborhood kernels (DiNAT's last level, and its dilated layers whose dilation fills the
-map).
+map); the Triton backend by default on whole-window kernels of its own (triton_na.WHOLE_WINDOW).
 """
 
 from __future__ import annotations

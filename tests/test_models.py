@@ -240,3 +240,37 @@ def test_torch_compile_matches_eager() -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_with_a_dynamic_batch_and_image_size() -> None:
+    """torch.export over a range of batch and image sizes (any size, not only multiples of 32, that
+    needs no padding): the program agrees with eager at other sizes, its whole-window layers on the
+    general kernels (they are exact there too)."""
+    torch.manual_seed(0)
+    model = dinat.create_model("dinat_mini").eval()
+    batch, height, width = (torch.export.Dim(name, min=low) for name, low in (("b", 1), ("h", 224), ("w", 224)))
+    x = torch.randn(2, 3, 224, 224)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch, 2: height, 3: width},))
+    for shape in ((3, 3, 224, 224), (1, 3, 250, 333)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_an_image_size_range_that_would_pad() -> None:
+    """From 160 px, DiNAT-Mini's first dilated layer (kernel 7, dilation 8) would pad 40x40 maps to
+    56x56: one exported program cannot take both paths, so the error says what the range must be."""
+    model = dinat.create_model("dinat_mini").eval()
+    size = torch.export.Dim("size", min=160, max=1024)
+    with pytest.raises(ValueError, match=r"at least kernel_size \* dilation = 56 tokens at every size"):
+        torch.export.export(model, (torch.randn(1, 3, 224, 224),), dynamic_shapes=({2: size, 3: size},))
+
+
+def test_export_at_one_image_size_pads_as_eager() -> None:
+    """At a fixed size the layers pad as in eager mode (here every map smaller than kernel * dilation)."""
+    torch.manual_seed(0)
+    model = dinat.create_model("dinat_mini").eval()
+    x = torch.randn(1, 3, 96, 128)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)

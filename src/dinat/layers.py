@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_module, trunc_normal_
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import na2d_av, na2d_qk, na2d_qkvpacked
-from .ops.functional import IntOrPair, check_kernel_and_dilation
+from .ops.functional import IntOrPair, check_kernel_and_dilation, is_exporting
 
 
 def head_dim_and_scale(dim: int, num_heads: int, qk_scale: float | None) -> tuple[int, float]:
@@ -68,8 +69,7 @@ class NeighborhoodAttention2D(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"expected input (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
         batch, height, width, _ = x.shape
-        pad_bottom = max(0, self.kernel_size[0] * self.dilation[0] - height)
-        pad_right = max(0, self.kernel_size[1] * self.dilation[1] - width)
+        pad_bottom, pad_right = self._padding(height, 0), self._padding(width, 1)
         if pad_bottom or pad_right:
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
         padded_h, padded_w = x.shape[1:3]
@@ -82,6 +82,21 @@ class NeighborhoodAttention2D(nn.Module):
             x = na2d_qkvpacked(qkv, self.kernel_size, self.dilation, self.rpb, self.scale)
         x = x.reshape(batch, padded_h, padded_w, self.dim)[:, :height, :width]
         return self.proj_drop(self.proj(x))
+
+    def _padding(self, length: int, axis: int) -> int:
+        """Rows (axis 0) or columns (axis 1) to pad so that the map spans kernel_size * dilation."""
+        span = self.kernel_size[axis] * self.dilation[axis]
+        if isinstance(length, torch.SymInt) and is_exporting():
+            # a program exported for a range of image sizes takes one path at every size of it: the
+            # padding's (pad, slice) would fix the size, so the range must not need it
+            if not statically_known_true(length >= span):
+                raise ValueError(
+                    f"torch.export with a dynamic image size: this layer needs a map {('height', 'width')[axis]} "
+                    f"of at least kernel_size * dilation = {span} tokens at every size of the range, and its "
+                    "smallest sizes give fewer (the layer would pad them); raise the range's minimum"
+                )
+            return 0
+        return max(0, span - length)
 
     def extra_repr(self) -> str:
         return (

@@ -406,7 +406,7 @@ def na2d_av(attn: Tensor, v: Tensor, kernel: Pair, dilation: Pair) -> Tensor:
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel: Pair, dilation: Pair, rpb: Tensor | None, scale: float) -> Tensor:
     batch, height, width, heads, dim = q.shape
-    if grouped.is_whole(height, width, kernel, dilation):
+    if grouped.runs_whole(height, width, kernel, dilation):
         dtype = _compute_dtype(q)  # float16 / bfloat16 in float32, as in the kernels
         q32, k32, v32 = (t.to(dtype) for t in (q, k, v))
         bias = None if rpb is None else rpb.to(dtype)

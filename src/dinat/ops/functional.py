@@ -85,6 +85,12 @@ def _backend_for(x: Tensor):
     return reference
 
 
+def is_exporting() -> bool:
+    """Whether torch.export is tracing (``torch.compiler.is_exporting``: torch >= 2.6; before, never)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(exporting and exporting())
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -14,6 +14,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .functional import is_exporting
 
 Pair = tuple[int, int]
 
@@ -21,6 +24,17 @@ Pair = tuple[int, int]
 def is_whole(height: int, width: int, kernel: Pair, dilation: Pair) -> bool:
     """Whether every dilation group of an H x W map is exactly one kh x kw window."""
     return (height, width) == (kernel[0] * dilation[0], kernel[1] * dilation[1])
+
+
+def runs_whole(height: int, width: int, kernel: Pair, dilation: Pair) -> bool:
+    """Whether the CPU backend runs the map as :func:`attention` (:func:`is_whole`). Under
+    ``torch.export`` with a dynamic image size, only when that holds for every size: the exported
+    program then keeps the general kernels, exact on whole maps too, instead of fixing the size."""
+    if is_exporting():
+        return statically_known_true(height == kernel[0] * dilation[0]) and statically_known_true(
+            width == kernel[1] * dilation[1]
+        )
+    return is_whole(height, width, kernel, dilation)
 
 
 @functools.lru_cache(maxsize=32)

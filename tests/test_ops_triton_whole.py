@@ -20,6 +20,7 @@ from _triton_utils import (
     run_interpreted,
 )
 from conftest import assert_half_close_to_float32
+from dinat import NeighborhoodAttention2D
 from dinat.ops import grouped, na2d, na2d_qkvpacked, primitives, reference, triton_na, use_backend
 from dinat.ops.functional import check_kernel_and_dilation
 
@@ -198,6 +199,26 @@ def test_compiled_agrees_with_eager(whole_kernels) -> None:
     for eager, got in zip(*results):
         torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
     assert whole_kernels == ["forward", "backward"] * 2
+
+
+@needs_kernels
+def test_export_with_a_dynamic_map_size(whole_kernels) -> None:
+    """torch.export over a range of map sizes: one program, the fused op in it, which runs the
+    whole-window kernels at the whole size (14x14 at dilation 2) and the neighborhood ones elsewhere,
+    as eagerly."""
+    torch.manual_seed(4)
+    layer = NeighborhoodAttention2D(16, 2, kernel_size=7, dilation=2).to(DEVICE).eval()
+    sizes = {1: torch.export.Dim("h", min=14, max=64), 2: torch.export.Dim("w", min=14, max=64)}
+    with use_backend("triton"):
+        program = torch.export.export(layer, (torch.randn(1, 14, 14, 16, device=DEVICE),), dynamic_shapes=(sizes,))
+    targets = [str(node.target) for node in program.graph.nodes]
+    assert f"dinat.na2d_packed_triton_v{primitives.OPS_VERSION}.default" in targets
+    for shape in ((1, 14, 14, 16), (1, 15, 17, 16)):
+        x = torch.randn(shape, device=DEVICE)
+        whole_kernels.clear()
+        with torch.no_grad(), use_backend("triton"):
+            torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-6, atol=1e-6)
+        assert whole_kernels == (["forward"] * 2 if shape[1:3] == (14, 14) else []), shape
 
 
 @needs_kernels

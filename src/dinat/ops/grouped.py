@@ -27,9 +27,9 @@ def is_whole(height: int, width: int, kernel: Pair, dilation: Pair) -> bool:
 
 
 def runs_whole(height: int, width: int, kernel: Pair, dilation: Pair) -> bool:
-    """Whether the CPU backend runs the map as :func:`attention` (:func:`is_whole`). Under
-    ``torch.export`` with a dynamic image size, only when that holds for every size: the exported
-    program then keeps the general kernels, exact on whole maps too, instead of fixing the size."""
+    """Whether the CPU and Triton backends run the map as :func:`attention` (:func:`is_whole`).
+    Under ``torch.export`` with a dynamic image size, only when that holds for every size: the
+    exported program then keeps their fused op, exact on whole maps too, instead of fixing the size."""
     if is_exporting():
         return statically_known_true(height == kernel[0] * dilation[0]) and statically_known_true(
             width == kernel[1] * dilation[1]

@@ -716,7 +716,7 @@ class _EagerNA2d(torch.autograd.Function):
 
 def _batched(q: Tensor, kernel: Pair, dilation: Pair) -> bool:
     """Whether na2d runs (B, H, W, heads, D) ``q``'s map as batched attention (see WHOLE_WINDOW)."""
-    whole = grouped.is_whole(q.shape[1], q.shape[2], kernel, dilation)
+    whole = grouped.runs_whole(q.shape[1], q.shape[2], kernel, dilation)
     return whole and not (WHOLE_WINDOW == "triton" and _whole_kernels_apply(q, kernel, dilation))
 
 

@@ -449,10 +449,10 @@ def _whole_kernels_apply(q: Tensor, kernel: list[int] | Pair, dilation: list[int
 
 
 def _whole_kernel(name: str):
-    """triton_kernels.na2d_whole_{name}_kernel."""
+    """The whole-window kernel ``name`` ("forward" or "backward")."""
     from . import triton_kernels
 
-    return getattr(triton_kernels, f"na2d_whole_{name}_kernel")
+    return getattr(triton_kernels, _kernel_function(f"whole_{name}"))
 
 
 def _whole_programs(q: Tensor, dilation: list[int], has_rpb: bool) -> int:

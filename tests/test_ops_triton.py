@@ -249,6 +249,34 @@ def test_every_tile_matches_reference(tile_configs, configs, shape, kernel, dila
 
 
 @needs_kernels
+def test_the_autotuners_pick_is_then_launched_directly(tile_configs, monkeypatch) -> None:
+    """Once Triton's autotuner picked a configuration for a shape, later launches of that shape run it
+    without the autotuner (triton_na._launch_fused), bit for bit as the first; another shape, or
+    another dtype, goes through the autotuner again."""
+    from triton.runtime.autotuner import Autotuner
+
+    tile_configs(CONFIGS_TO_RUN[:2])  # a choice to make
+    tuned = []
+    tuner_run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **kw: tuned.append(self) or tuner_run(self, *a, **kw))
+
+    def step(shape, dtype=torch.float32):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in _inputs(shape, (3, 5), True)]
+        out = _fused(*leaves[0].unbind(3), (3, 5), (2, 1), leaves[1], 0.3, "triton")
+        return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+    first = step((1, 9, 12, 1, 16))
+    assert len(tuned) == 3  # the forward, and the backward's query and key kernels
+    again = step((1, 9, 12, 1, 16))
+    assert len(tuned) == 3
+    for got, expected in zip(again, first):
+        assert torch.equal(got, expected)
+    step((1, 9, 13, 1, 16))
+    step((1, 9, 13, 1, 16), torch.float16)
+    assert len(tuned) == 9
+
+
+@needs_kernels
 @pytest.mark.parametrize(
     "shape,kernel,dilation", [((1, 9, 9, 2, 16), (9, 9), (1, 1)), ((1, 14, 14, 1, 72), (7, 7), (2, 2))]
 )

@@ -410,10 +410,30 @@ def _grid(q: Tensor, dilation: list[int], block: int, rows: int = 1) -> tuple[in
     return (batch * heads, row_programs, _programs(width, dilation[1], block))
 
 
-def _tuned_grid(q: Tensor, dilation: list[int], tile: str):
-    """The grid of a fused kernel, given the configuration the autotuner launches (``tile`` names
-    its tuned block size)."""
-    return lambda meta: _grid(q, dilation, meta[tile], meta["ROWS"])
+# (autotuned kernel, its key) -> the launch parameters of the configuration it picked
+_PICKS: dict[tuple, dict] = {}
+
+
+def _launch_fused(name: str, q: Tensor, bias: Tensor, dilation: list[int], args: tuple, constexprs: dict) -> None:
+    """Launch fused kernel ``name`` (see _fused_kernel) on (B, H, W, heads, D) ``q`` with ``args``:
+    through Triton's autotuner the first time per autotuner key (shape, constexprs, and the dtypes of
+    q and of ``bias``, the rpb argument), then with the configuration it picked, directly. Written
+    here because the autotuner's own run rebuilds its key from every argument at each launch: a
+    third of the eager op's host time at 14x14 on an H200 (cProfile, BENCHMARKS.md "Calls Q-R"),
+    where the eager op is bound by the host."""
+    tuner = _fused_kernel(name, q.dtype, q.shape[-1])
+    key = (tuner, *q.shape[1:], *dilation, q.dtype, bias.dtype, *constexprs.items())
+    tile = "BLOCK_N" if name == "key" else "BLOCK_M"
+    launch = _PICKS.get(key)
+    if launch is None:
+        tuner[lambda meta: _grid(q, dilation, meta[tile], meta["ROWS"])](*args, **constexprs)
+        picked = tuner.best_config
+        _PICKS[key] = {**picked.all_kwargs(), **_tile_sizes(name == "key", picked.kwargs[tile], constexprs["KW"])}
+        return
+    from . import triton_kernels
+
+    kernel = getattr(triton_kernels, _FUSED_KERNELS[name])
+    kernel[_grid(q, dilation, launch[tile], launch["ROWS"])](*args, **constexprs, **launch)
 
 
 def _forward_kernels(
@@ -434,7 +454,7 @@ def _forward_kernels(
             _whole_kernel("forward")[(batch * heads, dilation[0] * dilation[1])](*args, **constexprs, **_WHOLE_LAUNCH)
         else:
             constexprs = _constexprs("forward", q.dtype, kernel, dim, rpb is not None)
-            _fused_kernel("forward", q.dtype, dim)[_tuned_grid(q, dilation, "BLOCK_M")](*args, **constexprs)
+            _launch_fused("forward", q, bias, dilation, args, constexprs)
     return out, lse
 
 
@@ -472,6 +492,20 @@ def _bias_rows(height: int, kernel_h: int, dilation_h: int, device: torch.device
 _cached_bias_rows = functools.lru_cache(maxsize=64)(_bias_rows)
 
 
+def _pair_slots(kernel_h: int, kernel_w: int, device: torch.device) -> Tensor:
+    """(kh kw kh kw, (2kh - 1)(2kw - 1)) float64 one-hot: row (query, key) of a whole window (each
+    kh x kw places, row-major) marks the rpb entry of that pair, from the rows' and the columns'
+    one-hots (_bias_rows). No host synchronisation (see _bias_rows)."""
+    rows = _bias_rows(kernel_h, kernel_h, 1, device).view(2 * kernel_h - 1, kernel_h, kernel_h)
+    cols = _bias_rows(kernel_w, kernel_w, 1, device).view(2 * kernel_w - 1, kernel_w, kernel_w)
+    # (rpb row, query row, key row) x (rpb column, query column, key column) -> (query, key) x (rpb entry)
+    one_hot = torch.einsum("rac,sbd->abcdrs", rows, cols)
+    return one_hot.reshape((kernel_h * kernel_w) ** 2, rows.shape[0] * cols.shape[0])
+
+
+_cached_pair_slots = functools.lru_cache(maxsize=8)(_pair_slots)  # up to 4096 x 225 entries each
+
+
 def _tiles_and_slots(q: Tensor, dilation: list[int]) -> tuple[set[int], int]:
     """The tile sizes the autotuner may launch for q (wide float32 launches tile 16 at least: see
     _configs_for), and the column slots of q's rpb-gradient partial sums: one per column program of
@@ -499,7 +533,7 @@ def _rpb_gradient(partial: Tensor, rpb: Tensor, kernel: list[int], dilation: lis
     """rpb's gradient from the partial sums: summed over batch and slots in float64, then each
     (query row, i-th key row) added to the rpb row that key row uses (a matmul with a one-hot); the
     whole-window kernels' (4 dimensions) summed over programs, then each (query, key) pair of a group
-    added to its rpb entry (one-hots of rows and of columns).
+    added to its rpb entry (a matmul with the pairs' one-hot).
 
     This runs outside the custom ops, so torch.compile traces it: the one-hot is then built in the
     graph instead of taken from the cache. Compiled code keeps no tensor alive between calls: CUDA
@@ -507,12 +541,11 @@ def _rpb_gradient(partial: Tensor, rpb: Tensor, kernel: list[int], dilation: lis
     pool, where they run a compiled function's first (warm-up) call."""
     heads, bias_cols = rpb.shape[0], rpb.shape[2]
     traced = type(partial) is not Tensor and is_fake(partial)  # (a plain Tensor is real: the fast test first)
+    if partial.dim() == 4:  # (heads, programs, query, key) of whole groups: one matrix product, few launches
+        pair_slots = (_pair_slots if traced else _cached_pair_slots)(*kernel, partial.device)
+        pairs = partial.sum(1, dtype=torch.float64).view(heads, -1)
+        return torch.mm(pairs, pair_slots).view(rpb.shape).to(rpb.dtype)
     one_hot = _bias_rows if traced else _cached_bias_rows
-    if partial.dim() == 4:  # (heads, programs, query, key) of whole groups: kh x kw places, row-major
-        (kh, kw), device = kernel, partial.device
-        pairs = partial.sum(1, dtype=torch.float64).view(heads, kh, kw, kh, kw).transpose(2, 3)
-        pairs = pairs.reshape(heads, kh * kh, kw * kw)  # (query row, key row) x (query column, key column)
-        return (one_hot(kh, kh, 1, device) @ pairs @ one_hot(kw, kw, 1, device).T).to(rpb.dtype)
     per_row = partial.sum((0, 3), dtype=torch.float64)
     rows = one_hot(partial.shape[2], kernel[0], dilation[0], partial.device)
     return torch.matmul(rows, per_row.reshape(heads, -1, bias_cols)).to(rpb.dtype)
@@ -559,14 +592,17 @@ def _launch_backward(
     partial = allocate(_rpb_partial_shape(q, kernel, slots, rpb is not None), dtype=torch.float32, device=q.device)
     delta = torch.empty(batch, height, width, heads, dtype=torch.float32, device=q.device)  # the query kernel's
     with _device_of(q):
-        _fused_kernel("query", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_M")](
-            q, k, v, bias, grad_out, out, lse, delta, grad_q, partial, *strides, *_strides(out, grad_q),
-            bias_sn, bias_sh, slots, *shape_args,
-            **_constexprs("query", q.dtype, kernel, dim, rpb is not None),
+        _launch_fused(
+            "query", q, bias, dilation,
+            (q, k, v, bias, grad_out, out, lse, delta, grad_q, partial, *strides, *_strides(out, grad_q),
+             bias_sn, bias_sh, slots, *shape_args),
+            _constexprs("query", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
-        _fused_kernel("key", q.dtype, q.shape[-1])[_tuned_grid(q, dilation, "BLOCK_N")](
-            q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_k), bias_sn, bias_sh,
-            *shape_args, **_constexprs("key", q.dtype, kernel, dim, rpb is not None),
+        _launch_fused(
+            "key", q, bias, dilation,
+            (q, k, v, bias, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_k), bias_sn, bias_sh,
+             *shape_args),
+            _constexprs("key", q.dtype, kernel, dim, rpb is not None),
         )  # fmt: skip
     return partial
 

@@ -17,11 +17,12 @@ and 224 px under the CPU's bfloat16 autocast: the bench's training step without 
 step bound by the CPU's launches costs about in proportion to them. With them: each model's blocks
 and activations per image.
 
-    TRITON_INTERPRET=1 python benchmarks/triton_host_overhead.py
+    TRITON_INTERPRET=1 python benchmarks/triton_host_overhead.py [--repeats N]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -30,6 +31,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -45,9 +47,14 @@ _NO_LAUNCH = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "e
 
 
 class _NoLaunch:
-    """Stands for a kernel: indexing by a grid gives a launcher that only counts its calls."""
+    """Stands for a kernel: indexing by a grid gives a launcher that only counts its calls. As an
+    autotuned kernel it "picks" the first candidate configuration (triton_na._launch_fused then
+    launches the kernel itself)."""
 
     launches = 0
+    first = triton_na.TILES[0]
+    tiles = {"BLOCK_M": first.tile, "BLOCK_N": first.tile, "ROWS": first.rows}
+    best_config = triton.Config(tiles, num_warps=first.warps, num_stages=first.stages)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs) -> None:
@@ -151,4 +158,6 @@ def main(repeats: int = 2000) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2000, help="timed calls per figure (medians)")
+    main(parser.parse_args().repeats)

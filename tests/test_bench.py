@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +102,19 @@ def test_timing_samples_pipeline_calls_on_cuda(monkeypatch, device, calls) -> No
     timed = events[1:]  # after the warm-up call
     assert timed == (["sync"] + ["call"] * calls + ["sync"]) * 3
     assert medians == {"a": 10 / calls}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
+def test_host_overhead_script_runs() -> None:
+    """benchmarks/triton_host_overhead.py (the Triton backend's host cost, measured without a GPU)
+    stands in for the backend's kernels and autotuner, so a change of how the backend launches them
+    can break it: it runs to its end and reports each model's step."""
+    script = Path(__file__).parents[1] / "benchmarks" / "triton_host_overhead.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), "--repeats", "3"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "whole-window map (7x7, 16 heads) as triton" in result.stdout
+    assert "dinat_mini (whole windows on their Triton kernels): 18 blocks" in result.stdout
+    assert "swin_tiny_patch4_window7_224: 12 blocks" in result.stdout

@@ -271,6 +271,12 @@ def _wide_fp32_capped(configs: tuple[TileConfig, ...], wide_fp32: bool) -> tuple
     return tuple(dict.fromkeys(capped))
 
 
+def _tuned_block(name: str) -> str:
+    """The block size the autotuner tunes in fused kernel ``name``: the key kernel's tile is of key
+    places (BLOCK_N), the others' of query places (BLOCK_M); the other block is derived from it."""
+    return "BLOCK_N" if name == "key" else "BLOCK_M"
+
+
 @functools.cache
 def _autotuned_kernel(name: str, configs: tuple[TileConfig, ...]):
     import triton
@@ -278,7 +284,8 @@ def _autotuned_kernel(name: str, configs: tuple[TileConfig, ...]):
     from . import triton_kernels
 
     key_side = name == "key"
-    tuned, derived = ("BLOCK_N", "BLOCK_M") if key_side else ("BLOCK_M", "BLOCK_N")
+    tuned = _tuned_block(name)
+    derived = "BLOCK_M" if tuned == "BLOCK_N" else "BLOCK_N"
     kernel = triton.heuristics({derived: lambda args: _tile_sizes(key_side, args[tuned], args["KW"])[derived]})(
         getattr(triton_kernels, _FUSED_KERNELS[name])
     )
@@ -307,7 +314,7 @@ def autotuned() -> list[dict]:
     for name in _FUSED_KERNELS:
         for configs in dict.fromkeys(_wide_fp32_capped(_tile_configs(), wide) for wide in (False, True)):
             for key, config in _autotuned_kernel(name, configs).cache.items():
-                tile = config.kwargs["BLOCK_N" if name == "key" else "BLOCK_M"]
+                tile = config.kwargs[_tuned_block(name)]
                 shape = dict(zip(_AUTOTUNE_KEY, key))
                 dtypes = key[len(_AUTOTUNE_KEY) :]  # of every tensor argument, in order: Q, K, V, RPB, ...
                 rpb_dtype = dtypes[3] if shape["HAS_RPB"] else "-"
@@ -423,7 +430,7 @@ def _launch_fused(name: str, q: Tensor, bias: Tensor, dilation: list[int], args:
     where the eager op is bound by the host."""
     tuner = _fused_kernel(name, q.dtype, q.shape[-1])
     key = (tuner, *q.shape[1:], *dilation, q.dtype, bias.dtype, *constexprs.items())
-    tile = "BLOCK_N" if name == "key" else "BLOCK_M"
+    tile = _tuned_block(name)
     launch = _PICKS.get(key)
     if launch is None:
         tuner[lambda meta: _grid(q, dilation, meta[tile], meta["ROWS"])](*args, **constexprs)
